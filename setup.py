@@ -1,0 +1,22 @@
+"""Installs the `megatron` package and its command-line tools (pip install -e .)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-lite",
+    version="0.1.0",
+    description="Megatron-LM compatible GPT/BERT pretraining with tensor and data parallelism, readable and CPU-tested",
+    packages=find_packages(include=["megatron", "megatron.*", "tools", "tools.*", "tasks", "tasks.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.1",
+        "numpy",
+        "tokenizers",
+        "sentencepiece",
+        "regex",
+        "nltk",
+        "tensorboard",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest", "ruff"]},
+)

@@ -1,0 +1,9 @@
+"""Test-wide settings: one intra-op thread per process, so multi-rank tests do not oversubscribe 2 cores."""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
