@@ -1,0 +1,221 @@
+"""Tensor-parallel linear layers and the vocabulary-parallel embedding.
+
+Notation: a linear layer computes Y = X A + b with X [..., in], A [in, out], b [out]. As in nn.Linear the
+weight is stored transposed, W = A^T with shape [out, in]. Over a TP group of p ranks:
+
+* ColumnParallelLinear splits A by columns, A = [A_1, ..., A_p]: rank r holds W_r = A_r^T of shape
+  [out/p, in] and b_r [out/p], and computes Y_r = X A_r + b_r, its slice of the output's last dim.
+  The input enters through f (identity forward, all-reduce of dX backward).
+* RowParallelLinear splits A by rows, A = [A_1; ...; A_p], and takes X split by columns,
+  X = [X_1, ..., X_p]: rank r holds W_r = A_r^T of shape [out, in/p] and computes X_r A_r; then
+  Y = sum_r X_r A_r + b through g (all-reduce forward, identity backward). b [out] is duplicated on
+  every rank and added after the all-reduce.
+* VocabParallelEmbedding splits the table E [vocab, h] by rows: rank r holds E[start_r:end_r]; each rank
+  looks up the ids in its range (zeros for the others) and g sums the partial results.
+
+Initialisation does not depend on p (Megatron's --use-cpu-initialization): each layer draws the FULL
+master weight with torch.nn.init.normal_(master, 0, init_std) from the default torch generator and keeps
+its contiguous slice; biases start at zero. Layers built in the same order after the same
+torch.manual_seed therefore hold, at TP = p, exactly the slices of the TP = 1 weights.
+
+Parameter attributes (read by grad-norm clipping and checkpoint tools): split-able parameters carry
+`tensor_model_parallel = True` and `partition_dim` (the dim split over TP ranks, also at p = 1);
+duplicated ones (the row-parallel bias) carry `tensor_model_parallel = False`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megatron.parallel.cross_entropy import vocab_range_from_global_vocab_size
+from megatron.parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
+from megatron.parallel.state import ParallelState
+
+
+def set_tensor_model_parallel_attributes(
+    param: Tensor, is_parallel: bool, partition_dim: Optional[int]
+) -> None:
+    """Record on `param` whether it is split over TP ranks and along which dim (None when duplicated)."""
+    param.tensor_model_parallel = is_parallel
+    param.partition_dim = partition_dim
+
+
+def param_is_not_tensor_parallel_duplicate(param: Tensor, parallel: ParallelState) -> bool:
+    """True when `param` should be counted on this rank: it is split over TP, or this is TP rank 0.
+
+    Parameters without the attribute (e.g. layernorm weights) are duplicated on every TP rank.
+    """
+    return bool(getattr(param, "tensor_model_parallel", False)) or parallel.tp_rank == 0
+
+
+def _divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator != 0:
+        raise ValueError(f"{what} ({numerator}) is not divisible by the tensor-parallel size ({denominator})")
+    return numerator // denominator
+
+
+def _sharded_normal(
+    full_shape: tuple[int, int],
+    partition_dim: int,
+    parallel: ParallelState,
+    init_std: float,
+    dtype: torch.dtype,
+) -> nn.Parameter:
+    """Draw the full fp32 master weight ~ N(0, init_std^2), keep this rank's slice along `partition_dim`."""
+    master = torch.empty(full_shape, dtype=torch.float32)
+    torch.nn.init.normal_(master, mean=0.0, std=init_std)
+    shard = torch.chunk(master, parallel.tp_size, dim=partition_dim)[parallel.tp_rank]
+    param = nn.Parameter(shard.to(dtype).contiguous())
+    set_tensor_model_parallel_attributes(param, is_parallel=True, partition_dim=partition_dim)
+    return param
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = X A + b with A split by columns: this rank computes Y_r = X A_r + b_r (see module docstring).
+
+    weight: [output_size / p, input_size]; bias: [output_size / p]. With gather_output the full Y is
+    all-gathered onto every rank; otherwise each rank returns its slice Y_r. With skip_bias_add the bias
+    is not added and is returned instead, for a later fused bias + activation.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        parallel: ParallelState,
+        bias: bool = True,
+        gather_output: bool = False,
+        init_std: float = 0.02,
+        skip_bias_add: bool = False,
+        params_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if gather_output and skip_bias_add:
+            raise ValueError(
+                "ColumnParallelLinear: gather_output with skip_bias_add would return a split bias"
+            )
+        self.parallel = parallel
+        self.input_size, self.output_size = input_size, output_size
+        self.output_size_per_partition = _divide(
+            output_size, parallel.tp_size, "ColumnParallelLinear output_size"
+        )
+        self.gather_output, self.skip_bias_add = gather_output, skip_bias_add
+        self.weight = _sharded_normal((output_size, input_size), 0, parallel, init_std, params_dtype)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.output_size_per_partition, dtype=params_dtype))
+            set_tensor_model_parallel_attributes(self.bias, is_parallel=True, partition_dim=0)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """x [..., input_size] (same on all TP ranks) -> (Y_r [..., out/p] or Y [..., out], bias or None)."""
+        x = copy_to_tensor_model_parallel_region(x, self.parallel.tp_group)
+        add_bias = self.bias if not self.skip_bias_add else None
+        y = F.linear(x, self.weight, add_bias)
+        if self.gather_output:
+            y = gather_from_tensor_model_parallel_region(y, self.parallel.tp_group)
+        return y, (self.bias if self.skip_bias_add else None)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.input_size}, out={self.output_size}, out_per_partition={self.output_size_per_partition}, "
+            f"bias={self.bias is not None}, gather_output={self.gather_output}"
+        )
+
+
+class RowParallelLinear(nn.Module):
+    """Y = sum_r X_r A_r + b with A split by rows and X by columns (see module docstring).
+
+    weight: [output_size, input_size / p]; bias: [output_size], duplicated, added after the all-reduce.
+    With input_is_parallel the input is already this rank's slice X_r [..., in/p] (the output of a
+    ColumnParallelLinear); otherwise the full X is split here. With skip_bias_add the bias is returned
+    instead of added.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        parallel: ParallelState,
+        bias: bool = True,
+        input_is_parallel: bool = True,
+        init_std: float = 0.02,
+        skip_bias_add: bool = False,
+        params_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.parallel = parallel
+        self.input_size, self.output_size = input_size, output_size
+        self.input_size_per_partition = _divide(input_size, parallel.tp_size, "RowParallelLinear input_size")
+        self.input_is_parallel, self.skip_bias_add = input_is_parallel, skip_bias_add
+        self.weight = _sharded_normal((output_size, input_size), 1, parallel, init_std, params_dtype)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(output_size, dtype=params_dtype))
+            set_tensor_model_parallel_attributes(self.bias, is_parallel=False, partition_dim=None)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """x [..., in/p] (or [..., in] without input_is_parallel) -> (Y [..., out], bias or None)."""
+        if not self.input_is_parallel:
+            x = scatter_to_tensor_model_parallel_region(x, self.parallel.tp_group)
+        y = reduce_from_tensor_model_parallel_region(F.linear(x, self.weight), self.parallel.tp_group)
+        if self.bias is None or self.skip_bias_add:
+            return y, self.bias
+        return y + self.bias, None
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.input_size}, out={self.output_size}, in_per_partition={self.input_size_per_partition}, "
+            f"bias={self.bias is not None}, input_is_parallel={self.input_is_parallel}"
+        )
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table [num_embeddings, embedding_dim] split by vocabulary rows over the TP group.
+
+    weight: [num_embeddings / p, embedding_dim], rows [start_r, end_r) of the full table. forward returns
+    the full lookup E[ids] on every TP rank: sum over ranks of (E_r[ids - start_r] if ids in range else 0).
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        parallel: ParallelState,
+        init_std: float = 0.02,
+        params_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.parallel = parallel
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.vocab_start, self.vocab_end = vocab_range_from_global_vocab_size(
+            num_embeddings, parallel.tp_rank, parallel.tp_size
+        )
+        self.weight = _sharded_normal((num_embeddings, embedding_dim), 0, parallel, init_std, params_dtype)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """input_ids [...] (global ids, same on all TP ranks) -> embeddings [..., embedding_dim]."""
+        if self.parallel.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)
+        local_ids = (input_ids - self.vocab_start).masked_fill(outside, 0)
+        partial = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tensor_model_parallel_region(partial, self.parallel.tp_group)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, vocab_range=[{self.vocab_start}, {self.vocab_end})"
+        )
