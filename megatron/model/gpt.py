@@ -1,0 +1,62 @@
+"""GPT: a causal (decoder-only) transformer language model with tied input/output embeddings."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from megatron.model.config import TransformerConfig
+from megatron.model.language_model import TransformerLanguageModel, parallel_lm_logits
+from megatron.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron.parallel.state import ParallelState
+
+
+class GPTModel(nn.Module):
+    """GPT-2 style model: embeddings -> pre-LN transformer (causal) -> final layernorm -> tied logits.
+
+    Every TP rank holds 1/p of the vocabulary rows of the word embeddings, 1/p of the heads and of the MLP
+    columns (megatron.model.transformer); the logits are split over the vocabulary. Parameters are drawn
+    from the default torch generator as full tensors and sliced, so the same seed gives the same model at
+    any TP size.
+    """
+
+    def __init__(
+        self, config: TransformerConfig, parallel: ParallelState, parallel_output: bool = True
+    ) -> None:
+        super().__init__()
+        self.parallel = parallel
+        self.parallel_output = parallel_output
+        self.language_model = TransformerLanguageModel(config, parallel, causal=True, add_pooler=False)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Logits, or the per-token loss when `labels` are given.
+
+        input_ids, position_ids, labels: [batch, seq] int. attention_mask: None (plain causal attention) or
+        Megatron's boolean mask broadcastable to [batch, 1, seq, seq], True where attention is NOT allowed
+        (e.g. across document boundaries); the causal mask is applied in any case.
+
+        Returns logits [batch, seq, V/p] (this rank's vocabulary slice; the full [batch, seq, V] when built
+        with parallel_output=False) when labels is None, else the fp32 cross-entropy loss [batch, seq] per
+        token, computed vocab-parallel (averaging over the loss mask is the caller's job).
+        """
+        allowed = None
+        if attention_mask is not None:
+            if attention_mask.dtype != torch.bool:
+                raise TypeError(
+                    f"attention_mask must be a bool tensor (True = masked), got {attention_mask.dtype}"
+                )
+            allowed = ~attention_mask
+        hidden, _ = self.language_model(input_ids, position_ids, allowed)
+        weight = self.language_model.embedding.word_embeddings.weight
+        if labels is None:
+            return parallel_lm_logits(hidden, weight, self.parallel, self.parallel_output)
+        logits = parallel_lm_logits(hidden, weight, self.parallel, parallel_output=True)
+        return vocab_parallel_cross_entropy(logits.float(), labels, self.parallel.tp_group)

@@ -1,0 +1,148 @@
+"""Embeddings, pooler, the language model (embedding -> transformer -> final layernorm) and the tied logits.
+
+The word embedding table is split over the vocabulary across TP ranks (rank r holds rows
+r * V/p .. (r + 1) * V/p - 1); position and token-type embeddings are small and duplicated on every rank.
+The output layer reuses the word embedding table (tied weights), so the logits come out split over the
+vocabulary as well and the loss is computed without gathering them (vocab-parallel cross entropy).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megatron.model.config import TransformerConfig
+from megatron.model.transformer import LayerNorm, ParallelTransformer, check_config
+from megatron.model.utils import init_normal_
+from megatron.parallel.layers import VocabParallelEmbedding
+from megatron.parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_tensor_model_parallel_region,
+)
+from megatron.parallel.state import ParallelState
+
+
+def normal_linear(in_features: int, out_features: int, config: TransformerConfig) -> nn.Linear:
+    """A plain (duplicated on every TP rank) linear layer with weight ~ N(0, init_method_std^2) and zero bias."""
+    linear = nn.Linear(in_features, out_features, dtype=config.params_dtype)
+    init_normal_(linear.weight, config.init_method_std)
+    nn.init.zeros_(linear.bias)
+    return linear
+
+
+def parallel_lm_logits(
+    hidden: Tensor,
+    word_embeddings_weight: Tensor,
+    parallel: ParallelState,
+    parallel_output: bool,
+    bias: Optional[Tensor] = None,
+) -> Tensor:
+    """Logits with the tied output layer: f(hidden) @ E_r^T (+ bias_r) for this rank's vocabulary slice E_r.
+
+    hidden [batch, seq, h], E_r [V/p, h] -> [batch, seq, V/p]; all-gathered to [batch, seq, V] when not
+    `parallel_output`. f is the identity forward and sums the input gradient over TP ranks backward.
+    """
+    logits = F.linear(
+        copy_to_tensor_model_parallel_region(hidden, parallel.tp_group), word_embeddings_weight, bias
+    )
+    if parallel_output:
+        return logits
+    return gather_from_tensor_model_parallel_region(logits, parallel.tp_group)
+
+
+class Embedding(nn.Module):
+    """word (vocab-parallel) [+ BLOOM's layernorm on it] + learned position + token type, then dropout.
+
+    Positions are skipped with ALiBi; token types only exist when config.num_tokentypes > 0 (BERT: 2), and
+    tokentype_ids None then means all zeros (the first segment). The dropout uses the default RNG stream, the
+    same on all TP ranks.
+    """
+
+    def __init__(self, config: TransformerConfig, parallel: ParallelState) -> None:
+        super().__init__()
+        std, dtype = config.init_method_std, config.params_dtype
+        self.dropout_p = config.hidden_dropout
+        self.fp32_residual = config.fp32_residual_connection
+        self.word_embeddings = VocabParallelEmbedding(
+            config.padded_vocab_size, config.hidden_size, parallel=parallel, init_std=std, params_dtype=dtype
+        )
+        self.embedding_layernorm: Optional[LayerNorm] = None
+        if config.embedding_layernorm:
+            self.embedding_layernorm = LayerNorm(
+                config.hidden_size, eps=config.layernorm_epsilon, dtype=dtype
+            )
+        self.position_embeddings: Optional[nn.Embedding] = None
+        if config.position_embedding_type == "learned_absolute":
+            self.position_embeddings = nn.Embedding(
+                config.max_position_embeddings, config.hidden_size, dtype=dtype
+            )
+            init_normal_(self.position_embeddings.weight, std)
+        self.tokentype_embeddings: Optional[nn.Embedding] = None
+        if config.num_tokentypes > 0:
+            self.tokentype_embeddings = nn.Embedding(config.num_tokentypes, config.hidden_size, dtype=dtype)
+            init_normal_(self.tokentype_embeddings.weight, std)
+
+    def forward(
+        self, input_ids: Tensor, position_ids: Optional[Tensor], tokentype_ids: Optional[Tensor] = None
+    ) -> Tensor:
+        """input_ids, position_ids, tokentype_ids: [batch, seq] int -> [batch, seq, hidden]."""
+        x = self.word_embeddings(input_ids)
+        if self.embedding_layernorm is not None:
+            x = self.embedding_layernorm(x)
+        if self.position_embeddings is not None:
+            if position_ids is None:
+                raise ValueError("position_ids are required with learned absolute position embeddings")
+            x = x + self.position_embeddings(position_ids)
+        if self.tokentype_embeddings is not None:
+            if tokentype_ids is None:
+                tokentype_ids = torch.zeros_like(input_ids)
+            x = x + self.tokentype_embeddings(tokentype_ids)
+        if self.fp32_residual:
+            x = x.float()
+        return F.dropout(x, p=self.dropout_p, training=self.training)
+
+
+class Pooler(nn.Module):
+    """BERT's pooler: tanh(dense(h_0)) on the first ([CLS]) token: [batch, seq, h] -> [batch, h]."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.dense = normal_linear(config.hidden_size, config.hidden_size, config)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
+class TransformerLanguageModel(nn.Module):
+    """embedding -> encoder (transformer layers + final layernorm) [-> pooler].
+
+    Submodule names (`embedding`, `encoder`, `pooler`) are those of Megatron-LM's checkpoints.
+    """
+
+    def __init__(
+        self, config: TransformerConfig, parallel: ParallelState, causal: bool, add_pooler: bool
+    ) -> None:
+        super().__init__()
+        check_config(config, parallel)
+        self.embedding = Embedding(config, parallel)
+        self.encoder = ParallelTransformer(config, parallel, causal)
+        self.pooler: Optional[Pooler] = Pooler(config) if add_pooler else None
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Optional[Tensor],
+        allowed: Optional[Tensor],
+        tokentype_ids: Optional[Tensor] = None,
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """-> (hidden [batch, seq, h] after the final layernorm, pooled [batch, h] or None).
+
+        `allowed`: None or a boolean mask broadcastable to [batch, heads, seq, seq], True where a query may
+        attend to a key (see megatron.model.transformer).
+        """
+        hidden = self.encoder(self.embedding(input_ids, position_ids, tokentype_ids), allowed)
+        pooled = self.pooler(hidden) if self.pooler is not None else None
+        return hidden, pooled

@@ -1,0 +1,262 @@
+"""The transformer stack with intra-layer tensor parallelism (Shoeybi et al. 2019, "Megatron-LM", section 3).
+
+Activations are [batch, seq, hidden] throughout (Megatron-LM uses [seq, batch, hidden] to suit its fused
+kernels; the maths is the same and batch-first reads more naturally). With p tensor-parallel (TP) ranks:
+
+    MLP:        Y = GeLU(X A) B         A = [A_1 .. A_p] split by columns (ColumnParallelLinear h -> ffn),
+                                        B = [B_1; ..; B_p] split by rows (RowParallelLinear ffn -> h),
+                                        rank r computes GeLU(X A_r) B_r, and the sum over ranks is one
+                                        all-reduce in forward (g); the input X enters through f (identity
+                                        forward, all-reduce backward).
+    Attention:  QKV in ONE ColumnParallelLinear h -> 3 * heads * head_dim whose output rows are ordered
+                [heads, 3, head_dim], so rank r's contiguous row slice holds whole heads: the heads
+                r * heads/p .. (r + 1) * heads/p - 1 with their q, k and v. Each rank attends with its own
+                heads, and the output projection is a RowParallelLinear (heads * head_dim -> h): again one
+                all-reduce forward (g) and one backward (f).
+
+So a layer does exactly two all-reduces in forward and two in backward. Layernorm, hidden dropout and the
+residual additions are duplicated on every TP rank (they see identical inputs and use the same RNG
+stream); attention dropout acts on this rank's heads only, so it draws from the TP-rank-specific stream of
+`get_rng_tracker().fork()`.
+
+Attention masks are passed as `allowed`: None, or a boolean tensor broadcastable to [batch, heads, seq, seq]
+that is True where a query may attend to a key (torch's scaled_dot_product_attention convention). Causality
+is a property of the module (GPT: causal, BERT: not) and is applied on top of `allowed`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megatron.model.config import TransformerConfig
+from megatron.model.utils import alibi_slopes, gelu
+from megatron.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.parallel.random import checkpoint, get_rng_tracker
+from megatron.parallel.state import ParallelState
+
+RECOMPUTE_GRANULARITIES = (None, "full", "selective")
+POSITION_EMBEDDING_TYPES = ("learned_absolute", "alibi")
+
+
+def check_config(config: TransformerConfig, parallel: ParallelState) -> None:
+    """Raise ValueError, naming the Megatron flag, when the model shape does not fit the TP size."""
+    tp = parallel.tp_size
+    if config.num_attention_heads % tp != 0:
+        raise ValueError(
+            f"--num-attention-heads ({config.num_attention_heads}) must be divisible by "
+            f"--tensor-model-parallel-size ({tp})"
+        )
+    if config.ffn_hidden_size % tp != 0:
+        raise ValueError(
+            f"--ffn-hidden-size ({config.ffn_hidden_size}) must be divisible by --tensor-model-parallel-size ({tp})"
+        )
+    if config.padded_vocab_size % tp != 0:
+        raise ValueError(
+            f"padded vocabulary size ({config.padded_vocab_size}) must be divisible by --tensor-model-parallel-size ({tp})"
+        )
+    if config.recompute_granularity not in RECOMPUTE_GRANULARITIES:
+        raise ValueError(
+            f"--recompute-granularity must be 'full' or 'selective', got {config.recompute_granularity!r}"
+        )
+    if config.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+        raise ValueError(
+            f"--position-embedding-type must be one of {POSITION_EMBEDDING_TYPES}, got {config.position_embedding_type!r}"
+        )
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm y = (x - mean) / sqrt(var + eps) * weight + bias over the last dimension, computed in fp32
+    and returned in the dtype of the weight, so an fp32 residual stream can feed bf16/fp16 layers."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
+        return y.to(self.weight.dtype)
+
+
+class CoreAttention(nn.Module):
+    """softmax(Q K^T / sqrt(head_dim) + bias, masked) V for this rank's heads, with dropout on the
+    probabilities drawn from the TP-rank-specific RNG stream.
+
+    With ALiBi (BLOOM), bias[h, i, j] = -m_h |i - j| with m_h the slope of global head h; under the causal
+    mask this equals BLOOM's m_h * j up to a per-row constant, which softmax ignores. This rank keeps the
+    slopes of its own heads.
+    """
+
+    def __init__(self, config: TransformerConfig, parallel: ParallelState, causal: bool) -> None:
+        super().__init__()
+        self.causal = causal
+        self.dropout_p = config.attention_dropout
+        self.alibi_slopes: Optional[Tensor]
+        if config.position_embedding_type == "alibi":
+            local_heads = config.num_attention_heads // parallel.tp_size
+            first = parallel.tp_rank * local_heads
+            slopes = alibi_slopes(config.num_attention_heads)[first : first + local_heads]
+            self.register_buffer("alibi_slopes", slopes, persistent=False)
+        else:
+            self.alibi_slopes = None
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor]) -> Tensor:
+        """q, k, v: [batch, local_heads, seq, head_dim] -> context [batch, local_heads, seq, head_dim]."""
+        seq = q.size(2)
+        dropout_p = self.dropout_p if self.training else 0.0
+        mask: Optional[Tensor] = None
+        is_causal = self.causal and allowed is None and self.alibi_slopes is None
+        if not is_causal:
+            if self.causal:
+                future = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+                allowed = future if allowed is None else allowed & future
+            mask = allowed
+            if self.alibi_slopes is not None:
+                positions = torch.arange(seq, device=q.device)
+                distance = (positions[:, None] - positions[None, :]).abs().to(torch.float32)
+                bias = (-self.alibi_slopes[:, None, None] * distance).to(q.dtype)  # [local_heads, seq, seq]
+                mask = bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
+        with get_rng_tracker().fork():
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
+            )
+
+
+class ParallelAttention(nn.Module):
+    """Self-attention: QKV column-parallel (whole heads per rank), core attention, output row-parallel."""
+
+    def __init__(self, config: TransformerConfig, parallel: ParallelState, causal: bool) -> None:
+        super().__init__()
+        self.local_heads = config.num_attention_heads // parallel.tp_size
+        self.head_dim = config.kv_channels
+        projection_size = config.num_attention_heads * config.kv_channels
+        self.selective_recompute = config.recompute_granularity == "selective"
+        self.query_key_value = ColumnParallelLinear(
+            config.hidden_size,
+            3 * projection_size,
+            parallel=parallel,
+            gather_output=False,
+            init_std=config.init_method_std,
+            params_dtype=config.params_dtype,
+        )
+        self.core_attention = CoreAttention(config, parallel, causal)
+        self.dense = RowParallelLinear(
+            projection_size,
+            config.hidden_size,
+            parallel=parallel,
+            input_is_parallel=True,
+            init_std=config.output_layer_init_std,
+            params_dtype=config.params_dtype,
+        )
+
+    def forward(self, x: Tensor, allowed: Optional[Tensor]) -> Tensor:
+        """x: [batch, seq, hidden] (the same on every TP rank) -> [batch, seq, hidden] (summed over ranks)."""
+        batch, seq, _ = x.shape
+        qkv, _ = self.query_key_value(x)  # [batch, seq, local_heads * 3 * head_dim]
+        qkv = qkv.view(batch, seq, self.local_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
+        q, k, v = qkv.unbind(0)  # each [batch, local_heads, seq, head_dim]
+        if self.selective_recompute and torch.is_grad_enabled():
+            context = checkpoint(self.core_attention, q, k, v, allowed)
+        else:
+            context = self.core_attention(q, k, v, allowed)
+        context = context.transpose(1, 2).reshape(batch, seq, self.local_heads * self.head_dim)
+        output, _ = self.dense(context)
+        return output
+
+
+class ParallelMLP(nn.Module):
+    """h -> ffn (column-parallel), GeLU, ffn -> h (row-parallel): Y = GeLU(X A) B."""
+
+    def __init__(self, config: TransformerConfig, parallel: ParallelState) -> None:
+        super().__init__()
+        self.gelu_tanh = config.gelu_tanh
+        self.dense_h_to_4h = ColumnParallelLinear(
+            config.hidden_size,
+            config.ffn_hidden_size,
+            parallel=parallel,
+            gather_output=False,
+            init_std=config.init_method_std,
+            params_dtype=config.params_dtype,
+        )
+        self.dense_4h_to_h = RowParallelLinear(
+            config.ffn_hidden_size,
+            config.hidden_size,
+            parallel=parallel,
+            input_is_parallel=True,
+            init_std=config.output_layer_init_std,
+            params_dtype=config.params_dtype,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [batch, seq, hidden] -> [batch, seq, hidden]."""
+        intermediate, _ = self.dense_h_to_4h(x)
+        output, _ = self.dense_4h_to_h(gelu(intermediate, self.gelu_tanh))
+        return output
+
+
+class ParallelTransformerLayer(nn.Module):
+    """One transformer layer, pre-LN:
+
+        a = x + dropout(attention(LN1(x)));   y = a + dropout(mlp(LN2(a)))
+
+    With `apply_residual_connection_post_layernorm` the residual branch starts from the layernorm output
+    instead (a = LN1(x) + dropout(attention(LN1(x))), likewise for the MLP): the original BERT order as
+    Megatron-LM implements it. With `fp32_residual_connection` the residual sums are kept in fp32.
+    """
+
+    def __init__(self, config: TransformerConfig, parallel: ParallelState, causal: bool) -> None:
+        super().__init__()
+        self.hidden_dropout = config.hidden_dropout
+        self.residual_from_layernorm = config.apply_residual_connection_post_layernorm
+        self.fp32_residual = config.fp32_residual_connection
+        self.input_layernorm = LayerNorm(
+            config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype
+        )
+        self.self_attention = ParallelAttention(config, parallel, causal)
+        self.post_attention_layernorm = LayerNorm(
+            config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype
+        )
+        self.mlp = ParallelMLP(config, parallel)
+
+    def _residual_add(self, residual: Tensor, branch: Tensor) -> Tensor:
+        """residual + dropout(branch); the dropout mask is the same on all TP ranks (default RNG stream)."""
+        if self.fp32_residual:
+            residual = residual.float()
+        return residual + F.dropout(branch, p=self.hidden_dropout, training=self.training)
+
+    def forward(self, x: Tensor, allowed: Optional[Tensor]) -> Tensor:
+        """x: [batch, seq, hidden] -> [batch, seq, hidden]."""
+        normed = self.input_layernorm(x)
+        x = self._residual_add(
+            normed if self.residual_from_layernorm else x, self.self_attention(normed, allowed)
+        )
+        normed = self.post_attention_layernorm(x)
+        return self._residual_add(normed if self.residual_from_layernorm else x, self.mlp(normed))
+
+
+class ParallelTransformer(nn.Module):
+    """`num_layers` transformer layers followed by the final layernorm.
+
+    recompute_granularity 'full' recomputes each whole layer in backward (only its input is kept);
+    'selective' recomputes only the attention core softmax(QK^T)V inside each layer (its s^2 activations
+    are the large ones). The RNG states, including the TP-region tracker, are replayed, so dropout masks
+    are identical in the recomputation.
+    """
+
+    def __init__(self, config: TransformerConfig, parallel: ParallelState, causal: bool) -> None:
+        super().__init__()
+        self.full_recompute = config.recompute_granularity == "full"
+        self.layers = nn.ModuleList(
+            ParallelTransformerLayer(config, parallel, causal) for _ in range(config.num_layers)
+        )
+        self.final_layernorm = LayerNorm(
+            config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype
+        )
+
+    def forward(self, x: Tensor, allowed: Optional[Tensor]) -> Tensor:
+        """x: [batch, seq, hidden] (embeddings) -> [batch, seq, hidden] (after the final layernorm)."""
+        for layer in self.layers:
+            if self.full_recompute and torch.is_grad_enabled():
+                x = checkpoint(layer, x, allowed)
+            else:
+                x = layer(x, allowed)
+        return self.final_layernorm(x)
