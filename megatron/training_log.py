@@ -1,0 +1,89 @@
+"""Training log lines in Megatron-LM's format, and TensorBoard / Weights & Biases scalars.
+
+The line format is what existing log parsers expect:
+
+     iteration       10/     100 | consumed samples:          320 | elapsed time per iteration (ms): 123.4 |
+     throughput per GPU (TFLOP/s/GPU): 1.2 | learning rate: 1.000000E-04 | global batch size:    32 |
+     lm loss: 7.123456E+00 | loss scale: 1.0 | grad norm: 1.234 | number of skipped iterations:   0 |
+     number of nan iterations:   0 |
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Optional
+
+
+def format_train_line(
+    iteration: int,
+    train_iters: int,
+    consumed_samples: int,
+    elapsed_ms: float,
+    tflops_per_gpu: float,
+    learning_rate: float,
+    global_batch_size: int,
+    losses: dict[str, float],
+    loss_scale: float,
+    grad_norm: Optional[float],
+    skipped: int,
+    nans: int,
+) -> str:
+    """One training log line, spelled as Megatron-LM spells it."""
+    line = f" iteration {iteration:8d}/{train_iters:8d} |"
+    line += f" consumed samples: {consumed_samples:12d} |"
+    line += f" elapsed time per iteration (ms): {elapsed_ms:.1f} |"
+    line += f" throughput per GPU (TFLOP/s/GPU): {tflops_per_gpu:.1f} |"
+    line += f" learning rate: {learning_rate:.6E} |"
+    line += f" global batch size: {global_batch_size:5d} |"
+    for name, value in losses.items():
+        line += f" {name}: {value:.6E} |"
+    line += f" loss scale: {loss_scale:.1f} |"
+    if grad_norm is not None:
+        line += f" grad norm: {grad_norm:.3f} |"
+    line += f" number of skipped iterations: {skipped:3d} |"
+    line += f" number of nan iterations: {nans:3d} |"
+    return line
+
+
+def format_eval_block(prefix: str, losses: dict[str, float]) -> str:
+    """Megatron's validation block: loss value and perplexity (exp of the loss, capped at exp(20))."""
+    body = f" {prefix} |"
+    for name, value in losses.items():
+        body += f" {name} value: {value:.6E} | {name} PPL: {math.exp(min(20.0, value)):.6E} |"
+    rule = "-" * (len(body) + 1)
+    return f"{rule}\n{body}\n{rule}"
+
+
+class ScalarWriter:
+    """TensorBoard (and optionally wandb) scalars, written by the last rank only."""
+
+    def __init__(self, args: argparse.Namespace, is_last_rank: bool) -> None:
+        self.tensorboard = None
+        self.wandb = None
+        if not is_last_rank:
+            return
+        if args.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(log_dir=args.tensorboard_dir, max_queue=1000)
+        if args.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                print("warning: --wandb-project given but wandb is not installed; skipping wandb", flush=True)
+            else:
+                self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_exp_name, config=vars(args))
+
+    def add_scalars(self, scalars: dict[str, float], step: int) -> None:
+        if self.tensorboard is not None:
+            for name, value in scalars.items():
+                self.tensorboard.add_scalar(name, value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,89 @@
+"""Pretrain BERT: masked-LM plus next-sentence (binary) loss; megatron.training does the rest.
+
+    torchrun --nproc_per_node 2 pretrain_bert.py --tensor-model-parallel-size 2 --num-layers 12 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megatron.arguments import transformer_config_from_args
+from megatron.data.bert_dataset import build_train_valid_test_datasets
+from megatron.data.mock_dataset import MockBertDataset
+from megatron.model import BertModel
+from megatron.parallel.state import ParallelState
+from megatron.tokenizer import build_tokenizer
+from megatron.training import pretrain
+
+
+def model_provider(args: argparse.Namespace, parallel: ParallelState) -> nn.Module:
+    config = transformer_config_from_args(args)
+    config.num_tokentypes = 2
+    config.add_binary_head = args.bert_binary_head
+    return BertModel(config, parallel, parallel_output=True)
+
+
+def get_batch(data_iterator: Iterator) -> dict[str, Tensor]:
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return {k: v.to(device) for k, v in next(data_iterator).items()}
+
+
+def loss_func(
+    loss_mask: Tensor, sentence_order: Tensor, output: tuple[Tensor, Optional[Tensor]]
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Masked-LM loss averaged over the masked positions, plus the binary head's cross entropy."""
+    lm_loss_per_token, binary_logits = output
+    loss_mask = loss_mask.float()
+    lm_loss = torch.sum(lm_loss_per_token.float().view(-1) * loss_mask.view(-1)) / loss_mask.sum().clamp(min=1.0)
+    if binary_logits is None:
+        return lm_loss, {"lm loss": lm_loss.detach()}
+    sop_loss = F.cross_entropy(binary_logits.float(), sentence_order.view(-1), ignore_index=-1)
+    return lm_loss + sop_loss, {"lm loss": lm_loss.detach(), "sop loss": sop_loss.detach()}
+
+
+def forward_step(data_iterator: Iterator, model: nn.Module, args: argparse.Namespace, parallel: ParallelState):
+    batch = get_batch(data_iterator)
+    labels = batch["labels"].clamp(min=0)  # unmasked positions carry -1 and are zeroed by the loss mask
+    output = model(batch["text"], batch["padding_mask"], tokentype_ids=batch["types"], lm_labels=labels)
+    return output, partial(loss_func, batch["loss_mask"], batch["is_random"])
+
+
+def train_valid_test_datasets_provider(num_samples: list[int], args: argparse.Namespace) -> tuple:
+    tokenizer = build_tokenizer(args)
+    if args.mock_data:
+        return tuple(
+            MockBertDataset(n, args.seq_length, tokenizer.vocab_size, args.seed + i) if n > 0 else None
+            for i, n in enumerate(num_samples)
+        )
+    return build_train_valid_test_datasets(
+        args.data_path,
+        args.split,
+        tuple(num_samples),
+        args.seq_length,
+        args.seed,
+        tokenizer,
+        masked_lm_prob=args.mask_prob,
+        short_seq_prob=args.short_seq_prob,
+        binary_head=args.bert_binary_head,
+        cache_dir=args.data_cache_path,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return pretrain(
+        train_valid_test_datasets_provider,
+        model_provider,
+        forward_step,
+        args_defaults={"tokenizer_type": "BertWordPieceLowerCase"},
+        argv=argv,
+    )
+
+
+if __name__ == "__main__":
+    main()
