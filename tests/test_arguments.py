@@ -1,0 +1,117 @@
+"""Flag validation: every inconsistency is a clean error naming the flags (exit 2, no traceback)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron.arguments import parse_args, transformer_config_from_args
+from megatron.microbatches import MicroBatchCalculator
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = (
+    "--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --micro-batch-size 2 "
+    "--train-iters 10 --lr 1e-3 --mock-data --tokenizer-type NullTokenizer --vocab-size 100"
+).split()
+
+
+def _error(capsys, argv, world_size=1) -> str:
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv, world_size=world_size)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_valid_args_derive_defaults():
+    args = parse_args(BASE + ["--tensor-model-parallel-size", "2"], world_size=4)
+    assert args.data_parallel_size == 2
+    assert args.global_batch_size == 2 * 2
+    assert args.ffn_hidden_size == 256 and args.kv_channels == 16
+    assert args.max_position_embeddings == 32
+    assert args.params_dtype == torch.float32
+    args.padded_vocab_size = 128
+    config = transformer_config_from_args(args)
+    assert config.num_layers == 2 and config.padded_vocab_size == 128
+
+
+@pytest.mark.parametrize(
+    "extra, world, needle",
+    [
+        (["--tensor-model-parallel-size", "4"], 2, "--tensor-model-parallel-size 4 is larger than the world size 2"),
+        (["--tensor-model-parallel-size", "2"], 3, "world size 3 is not divisible by --tensor-model-parallel-size 2"),
+        (["--tensor-model-parallel-size", "8"], 8, "--num-attention-heads 4 is not divisible by"),
+        (["--num-attention-heads", "3"], 1, "--hidden-size 64 is not divisible by --num-attention-heads 3"),
+        (["--global-batch-size", "5"], 2, "--global-batch-size 5 is not a multiple of --micro-batch-size 2"),
+        (["--fp16", "--bf16"], 1, "--fp16 and --bf16 are mutually exclusive"),
+        (["--loss-scale", "128"], 1, "--loss-scale only applies with --fp16"),
+        (["--train-samples", "100"], 1, "--train-iters or --train-samples, not both"),
+        (["--max-position-embeddings", "16"], 1, "--seq-length 32 exceeds --max-position-embeddings 16"),
+        (["--data-path", "a_text_document"], 1, "--data-path and --mock-data are mutually exclusive"),
+        (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "3"], 1, "--lr-warmup-fraction cannot be combined"),
+        (["--save-interval", "5"], 1, "--save-interval needs --save"),
+        (["--split", "a,b"], 1, "--split 'a,b' must be comma-separated numbers"),
+        (["--hidden-dropout", "1.5"], 1, "--hidden-dropout must be in [0, 1)"),
+        (["--pipeline-model-parallel-size", "2"], 2, "only 1 is supported"),
+        (["--min-lr", "1.0"], 1, "--min-lr 1.0 is larger than --lr"),
+    ],
+)
+def test_inconsistent_flags_are_named(capsys, extra, world, needle):
+    assert needle in _error(capsys, BASE + extra, world)
+
+
+def test_missing_required(capsys):
+    argv = [a for a in BASE if a not in ("--lr", "1e-3")]
+    assert "--lr is required" in _error(capsys, argv)
+    argv = [a for a in BASE if a != "--mock-data"]
+    assert "give --data-path" in _error(capsys, argv)
+    argv = BASE[:-4]
+    assert "--tokenizer-type is required" in _error(capsys, argv)
+    argv = BASE[:-2] + ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "v.json"]
+    assert "needs --merge-file" in _error(capsys, argv)
+
+
+def test_data_path_pairs(capsys):
+    argv = [a for a in BASE if a != "--mock-data"]
+    assert "takes pairs" in _error(capsys, argv + ["--data-path", "0.5", "a", "0.5"])
+    assert "expected a weight, got 'a'" in _error(capsys, argv + ["--data-path", "a", "b"])
+    args = parse_args(argv + ["--data-path", "0.3", "a", "0.7", "b"])
+    assert args.data_path == ["0.3", "a", "0.7", "b"]
+
+
+def test_rampup_batch_size():
+    args = parse_args(
+        [a for a in BASE if a not in ("--train-iters", "10")]
+        + ["--train-samples", "1000", "--global-batch-size", "16", "--rampup-batch-size", "4", "4", "300"],
+        world_size=2,
+    )
+    calc = MicroBatchCalculator(16, 2, 2, args.rampup_batch_size)
+    sizes = []
+    for consumed in (0, 99, 100, 199, 200, 299, 300, 10_000):
+        calc.update(consumed)
+        sizes.append(calc.current_global_batch_size)
+    assert sizes == [4, 4, 8, 8, 12, 12, 16, 16]
+    calc.update(0)
+    assert calc.num_micro_batches == 1
+
+
+def test_cli_error_has_no_traceback():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "pretrain_gpt.py"), *BASE, "--fp16", "--bf16"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert "--fp16 and --bf16 are mutually exclusive" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_is_grouped():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "pretrain_gpt.py"), "--help"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert proc.returncode == 0
+    for group in ("network size:", "training:", "learning rate:", "checkpointing:", "mixed precision:"):
+        assert group in proc.stdout
