@@ -17,12 +17,16 @@ from megatron.parallel.mappings import (
     reduce_from_tensor_model_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
+from megatron.parallel.random import checkpoint, get_rng_tracker, model_parallel_seed
 from megatron.parallel.state import ParallelState, initialize_model_parallel, single_process_state
 
 __all__ = [
     "ALLREDUCE_COUNTER",
     "ColumnParallelLinear",
     "ParallelState",
+    "checkpoint",
+    "get_rng_tracker",
+    "model_parallel_seed",
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "copy_to_tensor_model_parallel_region",
