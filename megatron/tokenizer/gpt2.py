@@ -1,0 +1,75 @@
+"""OpenAI GPT-2's byte-level BPE, giving exactly the ids of OpenAI's `encoder.py` (and Megatron-LM's copy).
+
+Files: `--vocab-file` is GPT-2's `encoder.json`/`vocab.json` (token string -> id) and `--merge-file` its
+`vocab.bpe`/`merges.txt` (a `#version` line, then one merge "a b" per line, highest priority first).
+
+The algorithm, run by the Rust `tokenizers` library:
+1. split the text with GPT-2's regex
+   `'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+`;
+2. map each piece's UTF-8 bytes to printable characters (GPT-2's `bytes_to_unicode`, e.g. space -> "Ġ");
+3. repeatedly merge the adjacent pair with the lowest merge rank until no listed pair remains;
+4. look the resulting symbols up in the vocabulary.
+Decoding concatenates the token strings, maps characters back to bytes and decodes UTF-8 with
+replacement characters for invalid bytes (OpenAI's `errors='replace'`).
+
+`<|endoftext|>` (id 50256 in GPT-2) is the end-of-document id. As in OpenAI's and Megatron-LM's code it is
+*not* recognised inside text: the string "<|endoftext|>" in a document is tokenized as ordinary characters.
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from .base import AbstractTokenizer, TokenizerConfigError, require_file
+
+EOD_TOKEN = "<|endoftext|>"
+
+
+class GPT2BPETokenizer(AbstractTokenizer):
+    """GPT-2 byte-level BPE from a vocab.json + merges.txt pair."""
+
+    name = "GPT2BPETokenizer"
+
+    def __init__(self, vocab_file: str | None, merge_file: str | None) -> None:
+        require_file(vocab_file, "--vocab-file", self.name)
+        require_file(merge_file, "--merge-file", self.name)
+        try:
+            model = models.BPE.from_file(vocab_file, merge_file)
+        except Exception as error:  # the Rust loader reports JSON/merge syntax errors as plain Exception
+            raise TokenizerConfigError(
+                f"cannot read GPT-2 BPE files --vocab-file {vocab_file} --merge-file {merge_file}: {error}"
+            ) from error
+        self._tokenizer = Tokenizer(model)
+        self._tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        self._tokenizer.decoder = decoders.ByteLevel()
+        self._vocab = self._tokenizer.get_vocab(with_added_tokens=False)
+        self._inv_vocab = {i: token for token, i in self._vocab.items()}
+        if EOD_TOKEN not in self._vocab:
+            raise TokenizerConfigError(f"--vocab-file {vocab_file} has no {EOD_TOKEN} token")
+        self._eod = self._vocab[EOD_TOKEN]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab)
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self._vocab
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        return self._inv_vocab
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def eos(self) -> int:
+        return self._eod

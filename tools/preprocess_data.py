@@ -1,0 +1,338 @@
+"""Tokenize a JSONL corpus into Megatron-LM's `.bin`/`.idx` indexed datasets (Megatron's flags and output).
+
+    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/my-gpt2 \\
+        --tokenizer-type GPT2BPETokenizer --vocab-file gpt2-vocab.json --merge-file gpt2-merges.txt \\
+        --append-eod --workers 2
+
+Input: one JSON object per line (a `.gz` file is read through gzip). For each `--json-keys` key (default
+`text`) the value is a string, or a list of strings taken as already-split sentences.
+
+Output, per key: `{output_prefix}_{key}_document.bin/.idx`, or `..._sentence.bin/.idx` with
+`--split-sentences`. Semantics, per JSON line (= one document) and key, as in Megatron-LM:
+1. sentences = Punkt's split of the text with `--split-sentences` (Megatron's `--keep-newlines` variant
+   keeps the whitespace after each sentence), else the whole text as one sentence;
+2. ids = tokenizer.tokenize(sentence) for each sentence; sentences with no ids are dropped;
+3. with `--append-eod`, the end-of-document id is appended to the last sentence;
+4. if no sentence remains, the document is skipped for that key (classic Megatron-LM's behaviour; newer
+   megatron-core writes an empty document instead); otherwise each sentence becomes one sequence of the
+   dataset and the document ends.
+The token dtype is uint16 when the tokenizer has fewer than 65500 ids, else int32. Blank lines in the
+input are ignored.
+
+Workers tokenize documents in parallel (multiprocessing.Pool.imap, order kept, so any --workers gives the
+same bytes); at most a few chunks of documents are in flight, so memory stays bounded for any file size.
+Files are written under temporary names and renamed at the end; on any error nothing is left behind.
+A malformed line, a missing key or a bad file ends the run with a message naming it (exit status 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import multiprocessing
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
+from typing import IO, TYPE_CHECKING, Optional, Union
+
+import numpy as np
+
+from megatron.data.indexed_dataset import (
+    IndexedDatasetBuilder,
+    best_fitting_dtype,
+    data_file_path,
+    index_file_path,
+)
+from megatron.tokenizer import AbstractTokenizer, TokenizerConfigError, add_tokenizer_args, build_tokenizer
+
+if TYPE_CHECKING:
+    from megatron.data.sentence_splitter import SentenceSplitter
+
+CHUNKSIZE = 32  # documents per task sent to a worker (Megatron's value)
+
+# A worker's result for one line: (bytes read, {key: (ids, sentence lengths) or None if empty}) on success,
+# (bytes read, error message) on failure.
+EncodedDocument = dict[str, Optional[tuple[np.ndarray, list[int]]]]
+WorkerResult = tuple[int, Union[EncodedDocument, str]]
+
+
+def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_tokenizer_args(parser)
+    group = parser.add_argument_group(title="input data")
+    group.add_argument("--input", required=True, help="Path to the input JSONL file (.gz allowed).")
+    group.add_argument(
+        "--json-keys", nargs="+", default=["text"], help="JSON keys to extract, space separated."
+    )
+    group.add_argument("--split-sentences", action="store_true", help="Split documents into sentences.")
+    group.add_argument(
+        "--keep-newlines", action="store_true", help="Keep newlines between sentences when splitting."
+    )
+    group.add_argument("--lang", default="english", help="Language of the Punkt sentence splitter.")
+    group = parser.add_argument_group(title="tokenization process")
+    group.add_argument(
+        "--append-eod", action="store_true", help="Append an <eod> token to the end of a document."
+    )
+    group = parser.add_argument_group(title="output data")
+    group.add_argument("--output-prefix", required=True, help="Path of the output files without the suffix.")
+    group = parser.add_argument_group(title="runtime")
+    group.add_argument("--workers", type=int, default=1, help="Number of worker processes.")
+    group.add_argument("--log-interval", type=int, default=1000, help="Documents between progress lines.")
+    args = parser.parse_args(argv)
+
+    if not os.path.isfile(args.input):
+        parser.error(f"--input: no such file: {args.input}")
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1 (got {args.workers})")
+    if args.log_interval < 1:
+        parser.error(f"--log-interval must be >= 1 (got {args.log_interval})")
+    if len(set(args.json_keys)) != len(args.json_keys):
+        parser.error(f"--json-keys has a repeated key: {args.json_keys}")
+    output_dir = os.path.dirname(os.path.abspath(args.output_prefix))
+    if not os.path.isdir(output_dir):
+        parser.error(f"--output-prefix: directory {output_dir} does not exist")
+    if args.keep_newlines and not args.split_sentences:
+        parser.error("--keep-newlines only applies with --split-sentences")
+    return args
+
+
+class DocumentEncoder:
+    """Turns one JSONL line into token ids per key (the per-document rule in the module doc)."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        tokenizer: AbstractTokenizer,
+        splitter: Optional[SentenceSplitter],
+    ) -> None:
+        self.input = args.input
+        self.json_keys = list(args.json_keys)
+        self.append_eod = args.append_eod
+        self.tokenizer = tokenizer
+        self.splitter = splitter
+        self.dtype = best_fitting_dtype(tokenizer.vocab_size)
+
+    def encode(self, line_number: int, raw: bytes) -> Union[EncodedDocument, str]:
+        """The document on `raw` (line `line_number` of the input) -> EncodedDocument, or an error message."""
+        where = f"{self.input}:{line_number}"
+        try:
+            record = json.loads(raw)
+        except UnicodeDecodeError as error:
+            return f"{where}: not valid UTF-8 ({error.reason} at byte {error.start})"
+        except json.JSONDecodeError as error:
+            return f"{where}: malformed JSON: {error.msg} (column {error.colno})"
+        if not isinstance(record, dict):
+            return f"{where}: expected a JSON object, got {type(record).__name__}"
+        encoded: EncodedDocument = {}
+        for key in self.json_keys:
+            if key not in record:
+                return f"{where}: JSON key '{key}' not found (keys on this line: {sorted(record)})"
+            value = record[key]
+            if isinstance(value, str):
+                sentences = self.splitter.split(value) if self.splitter is not None else [value]
+            elif isinstance(value, list) and all(isinstance(s, str) for s in value):
+                sentences = value
+            else:
+                return f"{where}: JSON key '{key}' must hold a string or a list of strings"
+            try:
+                encoded[key] = self._encode_sentences(sentences)
+            except (
+                ValueError,
+                TypeError,
+            ) as error:  # e.g. a NullTokenizer word that is no id; a lone surrogate
+                return f"{where}: JSON key '{key}': cannot tokenize: {error}"
+        return encoded
+
+    def _encode_sentences(self, sentences: list[str]) -> Optional[tuple[np.ndarray, list[int]]]:
+        ids: list[int] = []
+        lengths: list[int] = []
+        for sentence in sentences:
+            sentence_ids = self.tokenizer.tokenize(sentence)
+            if sentence_ids:
+                ids.extend(sentence_ids)
+                lengths.append(len(sentence_ids))
+        if not lengths:
+            return None
+        if self.append_eod:
+            ids.append(self.tokenizer.eod)
+            lengths[-1] += 1
+        return np.asarray(ids, dtype=self.dtype), lengths
+
+
+# Each worker process builds its own tokenizer once (Pool initializer) and keeps it here.
+_worker_encoder: Optional[DocumentEncoder] = None
+
+
+def make_splitter(args: argparse.Namespace) -> Optional[SentenceSplitter]:
+    """Punkt for --split-sentences, else None. NLTK is imported only then (it takes a while to load)."""
+    if not args.split_sentences:
+        return None
+    from megatron.data.sentence_splitter import SentenceSplitter
+
+    return SentenceSplitter(args.lang, args.keep_newlines)
+
+
+def _init_worker(args: argparse.Namespace) -> None:
+    global _worker_encoder
+    _worker_encoder = DocumentEncoder(args, build_tokenizer(args), make_splitter(args))
+
+
+def _encode_in_worker(item: tuple[int, bytes, Optional[str]]) -> WorkerResult:
+    line_number, raw, read_error = item
+    if read_error is not None:
+        return 0, read_error
+    if _worker_encoder is None:
+        raise RuntimeError("_encode_in_worker ran in a process that _init_worker did not set up")
+    return len(raw), _worker_encoder.encode(line_number, raw)
+
+
+def open_input(path: str) -> IO[bytes]:
+    """The input file as binary lines; `.gz` files are decompressed on the fly."""
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # noqa: SIM115
+
+
+def numbered_lines(path: str, file: IO[bytes]) -> Iterator[tuple[int, bytes, Optional[str]]]:
+    """(line number, line, None) for each non-blank line; a read error becomes a final (n, b"", message)."""
+    line_number = 0
+    try:
+        for line_number, line in enumerate(file, start=1):  # noqa: B007 - used after the loop on error
+            if line.strip():
+                yield line_number, line, None
+    except (OSError, EOFError) as error:
+        yield line_number + 1, b"", f"{path}:{line_number + 1}: cannot read the input: {error}"
+
+
+class BoundedFeed:
+    """Iterate over `items` at most `capacity` items ahead of the consumer.
+
+    Pool.imap's feeder thread otherwise reads its whole input at once. The consumer calls `consumed()` per
+    result; `stop()` ends the iteration early (so the pool can shut down after an error).
+    """
+
+    def __init__(self, items: Iterable, capacity: int) -> None:
+        self._items = items
+        self._slots = threading.Semaphore(capacity)
+        self._stopped = False
+
+    def __iter__(self) -> Iterator:
+        for item in self._items:
+            self._slots.acquire()
+            if self._stopped:
+                return
+            yield item
+
+    def consumed(self) -> None:
+        self._slots.release()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._slots.release()
+
+
+def output_prefixes(args: argparse.Namespace) -> dict[str, str]:
+    """{json key: dataset prefix}: `{output_prefix}_{key}_{document|sentence}`."""
+    level = "sentence" if args.split_sentences else "document"
+    return {key: f"{args.output_prefix}_{key}_{level}" for key in args.json_keys}
+
+
+def check_setup(args: argparse.Namespace) -> AbstractTokenizer:
+    """Build the tokenizer (and splitter) once in the main process, so that setup errors stop the run early."""
+    try:
+        tokenizer = build_tokenizer(args)
+    except TokenizerConfigError as error:
+        raise SystemExit(f"error: {error}") from None
+    if args.split_sentences:
+        from megatron.data.sentence_splitter import PunktNotFoundError
+
+        try:
+            make_splitter(args)
+        except PunktNotFoundError as error:
+            raise SystemExit(f"error: {error}") from None
+    if args.append_eod:
+        try:
+            eod = tokenizer.eod
+        except NotImplementedError:
+            eod = None
+        if eod is None:
+            raise SystemExit(f"error: --append-eod: {tokenizer.name} has no end-of-document token")
+    return tokenizer
+
+
+class ProgressLog:
+    """Prints "Processed N documents (d docs/s, m MB/s)." to stderr every `interval` documents."""
+
+    def __init__(self, interval: int) -> None:
+        self.interval = interval
+        self.start = time.time()
+        self.documents = 0
+        self.bytes = 0
+
+    def update(self, n_bytes: int) -> None:
+        self.documents += 1
+        self.bytes += n_bytes
+        if self.documents % self.interval == 0:
+            print(self.line(), file=sys.stderr, flush=True)
+
+    def line(self) -> str:
+        elapsed = max(time.time() - self.start, 1e-9)
+        return (
+            f"Processed {self.documents} documents ({self.documents / elapsed:.1f} docs/s, "
+            f"{self.bytes / elapsed / 1024 / 1024:.2f} MB/s)."
+        )
+
+
+def preprocess(args: argparse.Namespace) -> dict[str, str]:
+    """Run the whole conversion; return {json key: output dataset prefix}. Raises SystemExit on bad input."""
+    tokenizer = check_setup(args)
+    if tokenizer.name.startswith("Bert") and not args.split_sentences:
+        print("note: BERT data is usually built with --split-sentences", file=sys.stderr)
+    dtype = best_fitting_dtype(tokenizer.vocab_size)
+    prefixes = output_prefixes(args)
+    progress = ProgressLog(args.log_interval)
+    skipped = dict.fromkeys(prefixes, 0)
+    try:
+        input_file = open_input(args.input)
+    except OSError as error:
+        raise SystemExit(f"error: --input {args.input}: {error}") from None
+
+    with ExitStack() as stack:
+        stack.enter_context(input_file)
+        builders = {
+            key: stack.enter_context(IndexedDatasetBuilder(data_file_path(prefix), dtype=dtype))
+            for key, prefix in prefixes.items()
+        }
+        feed = BoundedFeed(numbered_lines(args.input, input_file), capacity=4 * CHUNKSIZE * args.workers)
+        pool = stack.enter_context(
+            multiprocessing.Pool(args.workers, initializer=_init_worker, initargs=(args,))
+        )
+        stack.callback(feed.stop)  # runs before the pool is terminated, so its feeder thread can finish
+        for n_bytes, document in pool.imap(_encode_in_worker, feed, CHUNKSIZE):
+            feed.consumed()
+            if isinstance(document, str):
+                raise SystemExit(f"error: {document}")
+            for key, encoded in document.items():
+                if encoded is None:
+                    skipped[key] += 1
+                else:
+                    builders[key].add_document(*encoded)
+            progress.update(n_bytes)
+        for key, prefix in prefixes.items():
+            builders[key].finalize(index_file_path(prefix))
+
+    print(progress.line(), file=sys.stderr)
+    for key, prefix in prefixes.items():
+        note = f" ({skipped[key]} empty documents skipped)" if skipped[key] else ""
+        print(f"wrote {data_file_path(prefix)} and {index_file_path(prefix)}{note}")
+    return prefixes
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    preprocess(get_args(argv))
+
+
+if __name__ == "__main__":
+    main()
