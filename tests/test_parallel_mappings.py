@@ -77,10 +77,6 @@ def _check_mappings(rank: int, world_size: int) -> None:
     assert not ALLREDUCE_COUNTER.enabled
 
 
-def test_mappings_world2():
-    run_distributed(_check_mappings, world_size=2)
-
-
 def test_mappings_world4():
     run_distributed(_check_mappings, world_size=4)
 

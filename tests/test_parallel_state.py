@@ -55,10 +55,6 @@ def test_group_layout_world4():
     run_distributed(_grids_and_errors, world_size=4)
 
 
-def test_group_layout_world2():
-    run_distributed(_check_grid, world_size=2, args=(2,))
-
-
 def test_group_lists():
     assert tensor_parallel_groups(4, 2) == [[0, 1], [2, 3]]
     assert data_parallel_groups(4, 2) == [[0, 2], [1, 3]]
