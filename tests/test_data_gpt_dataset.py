@@ -11,7 +11,6 @@ from megatron.data import gpt_dataset, helpers
 from megatron.data.dataset_utils import parse_data_path, split_boundaries
 from megatron.data.gpt_dataset import GPTDataset, build_train_valid_test_datasets
 from megatron.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
-from tests.distributed_utils import run_distributed
 
 
 def write_positional_dataset(prefix: str, doc_lengths: list[int]) -> None:
@@ -177,18 +176,3 @@ def test_blended_data_path(tmp_path):
 def test_missing_prefix_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere_text_document"):
         build_train_valid_test_datasets([str(tmp_path / "nowhere_text_document")], "1,0,0", (1, 0, 0), 4, 0)
-
-
-def _build_on_ranks(rank: int, world_size: int, prefix: str, cache: str) -> list[list[int]]:
-    dataset = GPTDataset("train", IndexedDataset(prefix), np.arange(40), 64, 9, seed=11, cache_dir=cache)
-    return [dataset[i]["text"].tolist() for i in range(len(dataset))]
-
-
-@pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_distributed_build_matches_single_process(tmp_path, world_size):
-    prefix = str(tmp_path / "corpus")
-    write_positional_dataset(prefix, doc_lengths(4, 40))
-    single = _build_on_ranks(0, 1, prefix, str(tmp_path / "single"))
-    results = run_distributed(_build_on_ranks, world_size, (prefix, str(tmp_path / "shared")))
-    assert all(r == single for r in results)
-    assert len([f for f in os.listdir(tmp_path / "shared") if f.endswith(".npy")]) == 3
