@@ -1,0 +1,56 @@
+"""Global gradient norm over the tensor-parallel group, inf/nan detection, and clipping by that norm.
+
+The model's parameters are split over the TP group: a TP-split weight W is stored as shards W_0..W_{t-1},
+one per TP rank, while small parameters (layernorms, row-parallel biases) are duplicated on every rank.
+The global L2 norm of the gradient of the whole model is
+
+    ||g|| = sqrt( sum over TP ranks r of  sum over params p of rank r counted in the norm of ||g_p||^2 )
+
+where a duplicated parameter is counted on TP rank 0 only. Each rank computes its partial sum of squares
+from per-tensor norms (torch._foreach_norm, one pass over the gradients) and one all-reduce (SUM) over
+the TP group completes it. The same all-reduce carries the number of gradients with an inf/nan element
+(a non-finite per-tensor norm), counted over every parameter including duplicates, so all TP ranks agree
+on whether to skip the step. The DP group needs no reduction: after the data-parallel all-reduce every
+DP rank holds bitwise identical gradients, hence identical norms and the same overflow decision.
+
+Clipping (Megatron's rule): with coeff = max_norm / (||g|| + 1e-6), if coeff < 1 every gradient is
+multiplied by coeff, so the clipped norm is max_norm (up to the 1e-6).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megatron.parallel.state import ParallelState
+
+
+def grad_norm_and_found_inf(
+    grads: list[Tensor], counted_in_norm: list[bool], parallel: ParallelState
+) -> tuple[float, bool]:
+    """Return (global L2 norm of the counted gradients, whether any gradient on any TP rank is inf/nan).
+
+    `counted_in_norm[i]` is False for a TP-duplicated parameter on a TP rank other than 0. The norm is
+    computed in fp32 from the per-tensor norms; it is meaningless (inf/nan) when found_inf is True.
+    """
+    if len(grads) != len(counted_in_norm):
+        raise ValueError(f"{len(grads)} gradients but {len(counted_in_norm)} counted_in_norm flags")
+    stats = torch.zeros(2, dtype=torch.float32, device=grads[0].device if grads else "cpu")
+    if grads:
+        norms = torch.stack(torch._foreach_norm(grads)).float()
+        counted = torch.tensor(counted_in_norm, device=norms.device)
+        # Where selects the counted squares without multiplying a nan/inf by 0 (which would give nan).
+        stats[0] = torch.where(counted, norms.square(), torch.zeros_like(norms)).sum()
+        stats[1] = (~torch.isfinite(norms)).sum()
+    if parallel.tp_size > 1:
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=parallel.tp_group)
+    sum_of_squares, num_nonfinite = stats.tolist()
+    return sum_of_squares**0.5, num_nonfinite > 0
+
+
+def clip_grads_(grads: list[Tensor], max_norm: float, total_norm: float) -> None:
+    """Scale `grads` in place by max_norm / (total_norm + 1e-6) when that factor is below 1."""
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
