@@ -33,7 +33,7 @@ def _check_grid(rank: int, world_size: int, tp: int) -> None:
     assert state.world_size == world_size and state.global_rank == rank
     assert state.tp_rank == rank % tp and state.dp_rank == rank // tp
     assert state.tp_src_rank == rank - rank % tp
-    assert state.is_tp_first == (rank % tp == 0)
+    assert state.is_tp_first == (rank % tp == 0) and state.is_first_rank == (rank == 0)
     assert (state.tp_group is None) == (tp == 1) and (state.dp_group is None) == (dp == 1)
     assert _members(state.tp_group) == list(range(rank - rank % tp, rank - rank % tp + tp))
     assert _members(state.dp_group) == list(range(rank % tp, world_size, tp))
