@@ -114,16 +114,22 @@ def build_training_sample(
     candidates = np.flatnonzero(~special)
     p = config.masked_lm_prob
     num_to_mask = min(math.ceil(p * target_length), max(1, int(round(p * len(tokens)))), candidates.size)
-    positions = np.sort(rng.choice(candidates, size=num_to_mask, replace=False)) if num_to_mask else candidates[:0]
+    positions = (
+        np.sort(rng.choice(candidates, size=num_to_mask, replace=False)) if num_to_mask else candidates[:0]
+    )
     labels = np.full(config.max_seq_length, -1, dtype=np.int64)
     labels[positions] = tokens[positions]
     action = rng.random_sample(num_to_mask)
     random_ids = rng.randint(0, token_ids.vocab_size, size=num_to_mask)
     masked = tokens.copy()
-    masked[positions] = np.where(action < 0.8, token_ids.mask_id, np.where(action < 0.9, tokens[positions], random_ids))
+    masked[positions] = np.where(
+        action < 0.8, token_ids.mask_id, np.where(action < 0.9, tokens[positions], random_ids)
+    )
     num_pad = config.max_seq_length - len(tokens)
     if num_pad < 0:
-        raise ValueError(f"a sample of {len(tokens)} tokens does not fit max_seq_length {config.max_seq_length}")
+        raise ValueError(
+            f"a sample of {len(tokens)} tokens does not fit max_seq_length {config.max_seq_length}"
+        )
     loss_mask = np.zeros(config.max_seq_length, dtype=np.int64)
     loss_mask[positions] = 1
     return {
@@ -156,9 +162,13 @@ class BertDataset(Dataset):
     ) -> None:
         documents = np.asarray(documents, dtype=np.int64)
         if documents.size == 0:
-            raise ValueError(f"BertDataset {name}: no documents in this split of {indexed_dataset.path_prefix}")
+            raise ValueError(
+                f"BertDataset {name}: no documents in this split of {indexed_dataset.path_prefix}"
+            )
         if config.max_seq_length < 5:
-            raise ValueError(f"BertDataset {name}: max_seq_length {config.max_seq_length} leaves no room for text")
+            raise ValueError(
+                f"BertDataset {name}: max_seq_length {config.max_seq_length} leaves no room for text"
+            )
         self.name = name
         self.indexed_dataset = indexed_dataset
         self.seed = seed
@@ -192,7 +202,9 @@ class BertDataset(Dataset):
 
         stem = f"{os.path.basename(indexed_dataset.path_prefix)}_{name}_bert"
         cache = default_cache_dir(indexed_dataset.path_prefix, cache_dir)
-        self.samples_mapping = load_or_build(cache, stem, description, ["samples_mapping"], build)["samples_mapping"]
+        self.samples_mapping = load_or_build(cache, stem, description, ["samples_mapping"], build)[
+            "samples_mapping"
+        ]
 
     def __len__(self) -> int:
         return int(self.samples_mapping.shape[0])

@@ -110,7 +110,7 @@ def build_gpt_indices(
     same indices as Megatron-LM.
     """
     documents = np.asarray(documents)
-    tokens_per_epoch = int(sequence_lengths[documents].sum(dtype=np.int64))
+    tokens_per_epoch = int(sequence_lengths[documents].astype(np.int64).sum())
     num_epochs = gpt_num_epochs(tokens_per_epoch, seq_length, num_samples)
     separate = gpt_separate_last_epoch(num_epochs, tokens_per_epoch, seq_length, num_samples)
     rng = np.random.RandomState(seed)
@@ -177,10 +177,11 @@ def build_bert_samples_mapping(
     """
     starts = np.asarray(document_starts, dtype=np.int64)
     ends = np.asarray(document_ends, dtype=np.int64)
-    cumulative = np.concatenate(([0], np.cumsum(sentence_lengths, dtype=np.int64)))
-    long_counts = np.concatenate(([0], np.cumsum(sentence_lengths > LONG_SENTENCE_LEN)))
+    cumulative = np.zeros(len(sentence_lengths) + 1, dtype=np.int64)
+    np.cumsum(np.asarray(sentence_lengths).astype(np.int64), out=cumulative[1:])  # cumsum(dtype=) is slow
+    long_sentences = np.flatnonzero(np.asarray(sentence_lengths) > LONG_SENTENCE_LEN)
     counts = ends - starts
-    has_long = long_counts[ends] - long_counts[starts] > 0
+    has_long = np.searchsorted(long_sentences, ends) > np.searchsorted(long_sentences, starts)
     keep = (counts >= min_sentences) & ~((counts > 1) & has_long)
     starts, ends = starts[keep], ends[keep]
     if starts.size == 0:

@@ -46,7 +46,9 @@ class MockBertDataset(Dataset):
         min_regular_id: int = 1000,
     ) -> None:
         if min_regular_id >= token_ids.vocab_size:
-            raise ValueError(f"min_regular_id {min_regular_id} must be below vocab_size {token_ids.vocab_size}")
+            raise ValueError(
+                f"min_regular_id {min_regular_id} must be below vocab_size {token_ids.vocab_size}"
+            )
         self.num_samples = num_samples
         self.seed = seed
         self.token_ids = token_ids
@@ -64,4 +66,6 @@ class MockBertDataset(Dataset):
             rng.randint(self.min_regular_id, self.token_ids.vocab_size, size=rng.randint(1, 31))
             for _ in range(rng.randint(2, 7))
         ]
-        return build_training_sample(sentences, self.config.max_seq_length - 3, self.token_ids, self.config, rng)
+        return build_training_sample(
+            sentences, self.config.max_seq_length - 3, self.token_ids, self.config, rng
+        )

@@ -18,7 +18,9 @@ def _check(total_samples: int, consumed_samples: int, micro_batch_size: int, ran
     if total_samples <= 0:
         raise ValueError(f"no samples to draw from (total_samples={total_samples})")
     if micro_batch_size <= 0 or size <= 0:
-        raise ValueError(f"micro_batch_size ({micro_batch_size}) and data_parallel_size ({size}) must be positive")
+        raise ValueError(
+            f"micro_batch_size ({micro_batch_size}) and data_parallel_size ({size}) must be positive"
+        )
     if not 0 <= rank < size:
         raise ValueError(f"data_parallel_rank {rank} is not in [0, {size})")
     if consumed_samples < 0:
@@ -45,7 +47,9 @@ class MegatronPretrainingSampler(Sampler[list[int]]):
     ) -> None:
         _check(total_samples, consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size)
         if consumed_samples >= total_samples:
-            raise ValueError(f"consumed_samples {consumed_samples} is not below total_samples {total_samples}")
+            raise ValueError(
+                f"consumed_samples {consumed_samples} is not below total_samples {total_samples}"
+            )
         self.total_samples = total_samples
         self.consumed_samples = consumed_samples
         self.micro_batch_size = micro_batch_size
@@ -92,7 +96,9 @@ class MegatronPretrainingRandomSampler(Sampler[list[int]]):
         _check(total_samples, consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size)
         self.global_batch = micro_batch_size * data_parallel_size
         if total_samples < self.global_batch:
-            raise ValueError(f"{total_samples} samples do not fill one global micro batch of {self.global_batch}")
+            raise ValueError(
+                f"{total_samples} samples do not fill one global micro batch of {self.global_batch}"
+            )
         if consumed_samples % self.global_batch:
             raise ValueError(f"consumed_samples {consumed_samples} is not a multiple of {self.global_batch}")
         self.total_samples = total_samples
@@ -137,11 +143,21 @@ def build_data_loader(
     total = len(dataset)  # type: ignore[arg-type]
     sampler: Sampler[list[int]]
     if dataloader_type == "single":
-        sampler = MegatronPretrainingSampler(total, consumed_samples, micro_batch_size, parallel_rank, parallel_size)
+        sampler = MegatronPretrainingSampler(
+            total, consumed_samples, micro_batch_size, parallel_rank, parallel_size
+        )
     elif dataloader_type == "cyclic":
         sampler = MegatronPretrainingRandomSampler(
             total, consumed_samples, micro_batch_size, parallel_rank, parallel_size, seed
         )
     else:
         raise ValueError(f"--dataloader-type {dataloader_type!r}: expected 'single' or 'cyclic'")
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0)
+    # A private generator: creating an iterator must not draw from the global torch RNG, or a resumed run
+    # (which creates its iterators after restoring the RNG state) would see different dropout masks.
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
