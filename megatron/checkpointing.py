@@ -109,21 +109,21 @@ def save_checkpoint(
     temp_dir = f"{final_dir}.tmp-{token}"
     rng_states = _gather_rng_states(parallel)
 
-    error: Optional[BaseException] = None
-    if parallel.dp_rank == 0:
+    error: Optional[Exception] = None
+    if parallel.dp_rank == 0:  # one writer per TP rank
         shard_path = os.path.join(temp_dir, shard_dir_name(parallel.tp_rank), SHARD_FILENAME)
-        state = {
-            "args": args,
-            "checkpoint_version": CHECKPOINT_VERSION,
-            "iteration": iteration,
-            "model": to_megatron_state_dict(model.state_dict()),
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "opt_param_scheduler": opt_param_scheduler.state_dict()
-            if opt_param_scheduler is not None
-            else None,
-            "rng_state": rng_states,
-        }
         try:
+            state = {
+                "args": args,
+                "checkpoint_version": CHECKPOINT_VERSION,
+                "iteration": iteration,
+                "model": to_megatron_state_dict(model.state_dict()),
+                "optimizer": None if optimizer is None else optimizer.state_dict(),
+                "opt_param_scheduler": None
+                if opt_param_scheduler is None
+                else opt_param_scheduler.state_dict(),
+                "rng_state": rng_states,
+            }
             _write_file_atomically(state, shard_path)
         except Exception as e:  # reported on every rank below, so that no rank waits forever
             error = e
@@ -227,7 +227,7 @@ def _publish(temp_dir: str, final_dir: str, save_dir: str, token: str, tracker: 
     _write_text_atomically(tracker, get_checkpoint_tracker_filename(save_dir), token)
 
 
-def _raise_unless_all_succeeded(error: Optional[BaseException], parallel: ParallelState, what: str) -> None:
+def _raise_unless_all_succeeded(error: Optional[Exception], parallel: ParallelState, what: str) -> None:
     """All-reduce (MIN) a success flag over all ranks, which also acts as a barrier; raise on every rank if
     any rank failed: with its own exception chained on the failing rank."""
     ok = error is None
