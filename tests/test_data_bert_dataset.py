@@ -203,3 +203,13 @@ def test_mock_bert_dataset_format():
     np.testing.assert_array_equal(dataset[7]["text"], dataset[7]["text"])
     with pytest.raises(IndexError):
         dataset[50]
+
+
+def test_no_usable_document_is_reported(tmp_path):
+    prefix = str(tmp_path / "single_sentences")
+    with IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16) as builder:
+        for i in range(5):
+            builder.add_document([FIRST_WORD + i] * 3, [3])
+        builder.finalize(prefix + ".idx")
+    with pytest.raises(ValueError, match="single_sentences.*at least 2 sentences"):
+        BertDataset("train", IndexedDataset(prefix), np.arange(5), 10, 0, IDS, BertMaskingConfig(16))

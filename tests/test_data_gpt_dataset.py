@@ -176,3 +176,15 @@ def test_blended_data_path(tmp_path):
 def test_missing_prefix_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere_text_document"):
         build_train_valid_test_datasets([str(tmp_path / "nowhere_text_document")], "1,0,0", (1, 0, 0), 4, 0)
+
+
+def test_user_errors_are_clear(tmp_path):
+    prefix = str(tmp_path / "corpus")
+    write_positional_dataset(prefix, [5, 0, 0, 7])
+    indexed = IndexedDataset(prefix)
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    with pytest.raises(OSError, match="not_a_dir.*--data-cache-path"):
+        GPTDataset("train", indexed, np.arange(4), 3, 2, seed=0, cache_dir=str(blocker / "cache"))
+    with pytest.raises(ValueError, match="valid.*corpus.*empty"):
+        GPTDataset("valid", indexed, np.array([1, 2]), 3, 2, seed=0)

@@ -188,16 +188,19 @@ class BertDataset(Dataset):
         bounds = indexed_dataset.document_indices
 
         def build() -> dict[str, np.ndarray]:
-            mapping = build_bert_samples_mapping(
-                indexed_dataset.sequence_lengths,
-                bounds[documents],
-                bounds[documents + 1],
-                max_num_tokens=config.max_seq_length - 3,
-                short_seq_prob=config.short_seq_prob,
-                min_sentences=2 if config.binary_head else 1,
-                num_samples=num_samples,
-                seed=seed,
-            )
+            try:
+                mapping = build_bert_samples_mapping(
+                    indexed_dataset.sequence_lengths,
+                    bounds[documents],
+                    bounds[documents + 1],
+                    max_num_tokens=config.max_seq_length - 3,
+                    short_seq_prob=config.short_seq_prob,
+                    min_sentences=2 if config.binary_head else 1,
+                    num_samples=num_samples,
+                    seed=seed,
+                )
+            except ValueError as error:
+                raise ValueError(f"BertDataset {name} of {indexed_dataset.path_prefix}: {error}") from None
             return {"samples_mapping": mapping}
 
         stem = f"{os.path.basename(indexed_dataset.path_prefix)}_{name}_bert"

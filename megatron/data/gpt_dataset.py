@@ -52,6 +52,10 @@ class GPTDataset(Dataset):
             )
         if documents.min() < 0 or documents.max() >= len(indexed_dataset):
             raise ValueError(f"GPTDataset {name}: document ids outside [0, {len(indexed_dataset)})")
+        if not indexed_dataset.sequence_lengths[documents].any():
+            raise ValueError(
+                f"GPTDataset {name}: the documents of this split of {indexed_dataset.path_prefix} are empty"
+            )
         self.name = name
         self.indexed_dataset = indexed_dataset
         self.seq_length = seq_length

@@ -48,23 +48,23 @@ def _write_cache(
     build: Callable[[], dict[str, np.ndarray]],
     stem: str,
 ) -> None:
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-    except OSError as error:
-        raise OSError(
-            f"cannot create the index cache directory {cache_dir} ({error}); set --data-cache-path"
-        ) from error
     start = time.perf_counter()
     arrays = build()
     if set(arrays) != set(paths):
         raise ValueError(f"index builder returned {sorted(arrays)}, expected {sorted(paths)}")
-    for name, array in arrays.items():
-        _save_atomically(paths[name], array)
     description_path = os.path.join(cache_dir, f"{stem}_description.json")
-    tmp = f"{description_path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(description, f, indent=2, sort_keys=True)
-    os.replace(tmp, description_path)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        for name, array in arrays.items():
+            _save_atomically(paths[name], array)
+        tmp = f"{description_path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(description, f, indent=2, sort_keys=True)
+        os.replace(tmp, description_path)
+    except OSError as error:
+        raise OSError(
+            f"cannot write dataset indices under {cache_dir} ({error}); set --data-cache-path"
+        ) from None
     logger.info("built %s indices in %.2f s under %s", stem, time.perf_counter() - start, cache_dir)
 
 

@@ -103,8 +103,8 @@ class IndexedDatasetBuilder:
                 builder.add_document(np.concatenate(document), [len(s) for s in document])
             builder.finalize(index_file_path(prefix))
 
-    Leaving the `with` block on an exception (or calling `abort()`) deletes the temporary files, so an
-    interrupted run never leaves a partial dataset under the final names.
+    Leaving the `with` block on an exception or without `finalize` (or calling `abort()`) deletes the
+    temporary files, so an interrupted run never leaves a partial dataset under the final names.
     """
 
     def __init__(self, bin_path: str, dtype: Any = np.int32) -> None:
