@@ -15,13 +15,12 @@ Blending (`build_blending_indices`): Megatron's greedy rule, exact, as a plain l
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
 
 LONG_SENTENCE_LEN = 512  # Megatron skips (multi-sentence) BERT documents with a sentence longer than this
-SEPARATE_LAST_EPOCH_THRESHOLD = 0.80  # Megatron's rule, see gpt_num_epochs_and_separation
+SEPARATE_LAST_EPOCH_THRESHOLD = 0.80  # Megatron's rule, see gpt_separate_last_epoch
 
 
 def gpt_num_epochs(tokens_per_epoch: int, seq_length: int, num_samples: int) -> int:
@@ -31,7 +30,7 @@ def gpt_num_epochs(tokens_per_epoch: int, seq_length: int, num_samples: int) -> 
     """
     if tokens_per_epoch <= 0:
         raise ValueError("the documents of this split hold no tokens")
-    return max(1, math.ceil((num_samples * seq_length + 1) / tokens_per_epoch))
+    return max(1, -(-(num_samples * seq_length + 1) // tokens_per_epoch))  # integer ceil
 
 
 def gpt_separate_last_epoch(
@@ -148,7 +147,9 @@ def build_blending_indices(weights: np.ndarray, size: int) -> tuple[np.ndarray, 
     return np.array(chosen, dtype=np.int16), np.array(positions, dtype=np.int64)
 
 
-def _draw_target_lengths(rng: np.random.RandomState, n: int, max_num_tokens: int, short_seq_prob: float):
+def _draw_target_lengths(
+    rng: np.random.RandomState, n: int, max_num_tokens: int, short_seq_prob: float
+) -> np.ndarray:
     """max_num_tokens, or with probability short_seq_prob a length uniform in [2, max_num_tokens]."""
     short = rng.random_sample(n) < short_seq_prob
     lengths = rng.randint(2, max_num_tokens + 1, size=n)

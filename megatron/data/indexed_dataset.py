@@ -74,11 +74,6 @@ def index_file_path(prefix: str) -> str:
     return prefix + ".idx"
 
 
-def dataset_exists(prefix: str) -> bool:
-    """True when both the `.bin` and the `.idx` of `prefix` exist."""
-    return os.path.isfile(data_file_path(prefix)) and os.path.isfile(index_file_path(prefix))
-
-
 def _as_array(ids: Any, dtype: np.dtype) -> np.ndarray:
     """Token ids (list, numpy array or torch tensor) as a 1-D array of `dtype`; refuse ids that do not fit."""
     if isinstance(ids, torch.Tensor):
