@@ -1,20 +1,21 @@
 """Pretrain BERT: masked-LM plus next-sentence (binary) loss; megatron.training does the rest.
 
-    torchrun --nproc_per_node 2 pretrain_bert.py --tensor-model-parallel-size 2 --num-layers 12 ...
+torchrun --nproc_per_node 2 pretrain_bert.py --tensor-model-parallel-size 2 --num-layers 12 ...
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from functools import partial
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatron.arguments import transformer_config_from_args
-from megatron.data.bert_dataset import build_train_valid_test_datasets
+from megatron.data.bert_dataset import BertMaskingConfig, BertTokenIds, build_train_valid_test_datasets
 from megatron.data.mock_dataset import MockBertDataset
 from megatron.model import BertModel
 from megatron.parallel.state import ParallelState
@@ -40,38 +41,49 @@ def loss_func(
     """Masked-LM loss averaged over the masked positions, plus the binary head's cross entropy."""
     lm_loss_per_token, binary_logits = output
     loss_mask = loss_mask.float()
-    lm_loss = torch.sum(lm_loss_per_token.float().view(-1) * loss_mask.view(-1)) / loss_mask.sum().clamp(min=1.0)
+    lm_loss = torch.sum(lm_loss_per_token.float().view(-1) * loss_mask.view(-1)) / loss_mask.sum().clamp(
+        min=1.0
+    )
     if binary_logits is None:
         return lm_loss, {"lm loss": lm_loss.detach()}
     sop_loss = F.cross_entropy(binary_logits.float(), sentence_order.view(-1), ignore_index=-1)
     return lm_loss + sop_loss, {"lm loss": lm_loss.detach(), "sop loss": sop_loss.detach()}
 
 
-def forward_step(data_iterator: Iterator, model: nn.Module, args: argparse.Namespace, parallel: ParallelState):
+def forward_step(
+    data_iterator: Iterator, model: nn.Module, args: argparse.Namespace, parallel: ParallelState
+):
     batch = get_batch(data_iterator)
     labels = batch["labels"].clamp(min=0)  # unmasked positions carry -1 and are zeroed by the loss mask
     output = model(batch["text"], batch["padding_mask"], tokentype_ids=batch["types"], lm_labels=labels)
     return output, partial(loss_func, batch["loss_mask"], batch["is_random"])
 
 
+def _token_ids(tokenizer) -> BertTokenIds:
+    """The tokenizer's [CLS]/[SEP]/[MASK]/[PAD] ids; a tokenizer without them (NullTokenizer, for mock data)
+    gets ids 0..3 reserved."""
+    try:
+        ids = (tokenizer.cls, tokenizer.sep, tokenizer.mask, tokenizer.pad)
+    except (AttributeError, NotImplementedError):
+        ids = (None,) * 4
+    if any(i is None for i in ids):
+        ids = (0, 1, 2, 3)
+    return BertTokenIds(*ids, vocab_size=tokenizer.vocab_size)
+
+
 def train_valid_test_datasets_provider(num_samples: list[int], args: argparse.Namespace) -> tuple:
-    tokenizer = build_tokenizer(args)
+    token_ids = _token_ids(build_tokenizer(args))
+    config = BertMaskingConfig(args.seq_length, args.mask_prob, args.short_seq_prob, args.bert_binary_head)
     if args.mock_data:
+        first_regular = max(token_ids.cls_id, token_ids.sep_id, token_ids.mask_id, token_ids.pad_id) + 1
         return tuple(
-            MockBertDataset(n, args.seq_length, tokenizer.vocab_size, args.seed + i) if n > 0 else None
+            MockBertDataset(n, args.seed + i, token_ids, config, min_regular_id=first_regular)
+            if n > 0
+            else None
             for i, n in enumerate(num_samples)
         )
     return build_train_valid_test_datasets(
-        args.data_path,
-        args.split,
-        tuple(num_samples),
-        args.seq_length,
-        args.seed,
-        tokenizer,
-        masked_lm_prob=args.mask_prob,
-        short_seq_prob=args.short_seq_prob,
-        binary_head=args.bert_binary_head,
-        cache_dir=args.data_cache_path,
+        args.data_path, args.split, tuple(num_samples), args.seed, token_ids, config, args.data_cache_path
     )
 
 

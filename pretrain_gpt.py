@@ -1,13 +1,13 @@
 """Pretrain GPT: the model provider, the batch function and the loss; megatron.training does the rest.
 
-    torchrun --nproc_per_node 2 pretrain_gpt.py --tensor-model-parallel-size 2 --num-layers 12 ...
+torchrun --nproc_per_node 2 pretrain_gpt.py --tensor-model-parallel-size 2 --num-layers 12 ...
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from functools import partial
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +44,9 @@ def loss_func(loss_mask: Tensor, output: Tensor) -> tuple[Tensor, dict[str, Tens
     return loss, {"lm loss": loss.detach()}
 
 
-def forward_step(data_iterator: Iterator, model: nn.Module, args: argparse.Namespace, parallel: ParallelState):
+def forward_step(
+    data_iterator: Iterator, model: nn.Module, args: argparse.Namespace, parallel: ParallelState
+):
     tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, args)
     output = model(tokens, position_ids, attention_mask, labels=labels)
     return output, partial(loss_func, loss_mask)

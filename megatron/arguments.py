@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable, Optional
 
 import torch
 
@@ -125,9 +126,7 @@ def _add_regularization_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=0.01, help="Decoupled weight decay coefficient.")
     g.add_argument("--start-weight-decay", type=float, default=None, help="Initial weight decay.")
     g.add_argument("--end-weight-decay", type=float, default=None, help="Final weight decay.")
-    g.add_argument(
-        "--weight-decay-incr-style", choices=["constant", "linear", "cosine"], default="constant"
-    )
+    g.add_argument("--weight-decay-incr-style", choices=["constant", "linear", "cosine"], default="constant")
     g.add_argument("--clip-grad", type=float, default=1.0, help="Clip gradients to this global L2 norm.")
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
@@ -151,15 +150,17 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         metavar=("START", "INCREMENT", "SAMPLES"),
         help="Ramp the global batch from START by INCREMENT over SAMPLES samples.",
     )
-    g.add_argument(
-        "--recompute-activations", action="store_true", help="Selective activation recompute."
-    )
+    g.add_argument("--recompute-activations", action="store_true", help="Selective activation recompute.")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--train-iters", type=int, default=None, help="Total iterations to train.")
     g.add_argument("--train-samples", type=int, default=None, help="Total samples to train.")
     g.add_argument("--log-interval", type=int, default=100, help="Iterations between log lines.")
-    g.add_argument("--exit-interval", type=int, default=None, help="Checkpoint and exit at multiples of this.")
-    g.add_argument("--exit-duration-in-mins", type=float, default=None, help="Checkpoint and exit after this.")
+    g.add_argument(
+        "--exit-interval", type=int, default=None, help="Checkpoint and exit at multiples of this."
+    )
+    g.add_argument(
+        "--exit-duration-in-mins", type=float, default=None, help="Checkpoint and exit after this."
+    )
     g.add_argument(
         "--max-nan-iterations",
         type=int,
@@ -344,7 +345,9 @@ def _apply_checkpoint_args(parser: argparse.ArgumentParser, args: argparse.Names
         args.seq_length = getattr(ckpt_args, "seq_length", None)
 
 
-def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace, require_data: bool = True) -> None:
+def validate_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, require_data: bool = True
+) -> None:
     """Check every cross-flag constraint; fill derived values (data-parallel size, defaults)."""
     fail = parser.error
     for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size"):
@@ -381,7 +384,9 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace, req
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
     if args.ffn_hidden_size % tp != 0:
-        fail(f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
+        fail(
+            f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}"
+        )
     if args.kv_channels is None:
         args.kv_channels = args.hidden_size // args.num_attention_heads
     if args.max_position_embeddings is None:
@@ -430,6 +435,15 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace, req
         fail("with --train-iters, give --lr-decay-iters / --lr-warmup-iters (not the -samples forms)")
     if args.train_samples is not None and (args.lr_decay_iters is not None or args.lr_warmup_iters):
         fail("with --train-samples, give --lr-decay-samples / --lr-warmup-samples (not the -iters forms)")
+    if args.train_iters is not None and args.lr_warmup_iters >= (args.lr_decay_iters or args.train_iters):
+        fail(
+            f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters "
+            f"(default --train-iters) {args.lr_decay_iters or args.train_iters}"
+        )
+    if args.train_samples is not None and args.lr_warmup_samples >= (
+        args.lr_decay_samples or args.train_samples
+    ):
+        fail("--lr-warmup-samples must be smaller than --lr-decay-samples (default --train-samples)")
     if args.lr is None and not args.skip_train:
         fail("--lr is required")
     if args.lr is not None and args.min_lr > args.lr:

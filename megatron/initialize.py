@@ -48,7 +48,9 @@ def initialize_megatron(args: argparse.Namespace) -> ParallelState:
                 world_size=world_size,
                 timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes),
             )
-        parallel = initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
+        parallel = initialize_model_parallel(
+            args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+        )
     else:
         parallel = single_process_state()
     args.rank = rank

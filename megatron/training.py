@@ -24,8 +24,9 @@ import itertools
 import math
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -118,7 +119,11 @@ def train_valid_test_num_samples(args: argparse.Namespace) -> list[int]:
         train_iters = math.ceil((args.train_samples or 0) / args.global_batch_size)
     train = args.train_samples if args.train_samples is not None else train_iters * args.global_batch_size
     evaluations = train_iters // args.eval_interval + 1
-    return [train, evaluations * args.eval_iters * args.global_batch_size, args.eval_iters * args.global_batch_size]
+    return [
+        train,
+        evaluations * args.eval_iters * args.global_batch_size,
+        args.eval_iters * args.global_batch_size,
+    ]
 
 
 def _data_iterator(loader, cyclic: bool) -> Optional[Iterator]:
@@ -278,16 +283,19 @@ def _pretrain(
     model, optimizer, scheduler = setup_model_and_optimizer(model_provider, args, parallel)
     iteration = 0
     if args.load:
-        iteration, ckpt_args = load_checkpoint(
-            model.module,
-            optimizer,
-            scheduler,
-            args.load,
-            parallel,
-            no_load_optim=args.no_load_optim,
-            no_load_rng=args.no_load_rng,
-            finetune=args.finetune,
-        )
+        try:
+            iteration, ckpt_args = load_checkpoint(
+                model.module,
+                optimizer,
+                scheduler,
+                args.load,
+                parallel,
+                no_load_optim=args.no_load_optim,
+                no_load_rng=args.no_load_rng,
+                finetune=args.finetune,
+            )
+        except ValueError as e:  # the scheduler refuses settings that contradict the checkpoint's
+            raise CheckpointError(f"{args.load}: {e}") from None
         if ckpt_args is not None and not args.finetune:
             args.consumed_train_samples = getattr(ckpt_args, "consumed_train_samples", 0)
             args.consumed_valid_samples = getattr(ckpt_args, "consumed_valid_samples", 0)
@@ -297,7 +305,16 @@ def _pretrain(
     dp_rank, dp_size = parallel.dp_rank, parallel.dp_size
     mbs = args.micro_batch_size
     train_loader = (
-        build_data_loader(train_ds, args.consumed_train_samples, mbs, dp_rank, dp_size, args.num_workers)
+        build_data_loader(
+            train_ds,
+            args.consumed_train_samples,
+            mbs,
+            dp_rank,
+            dp_size,
+            args.num_workers,
+            args.dataloader_type,
+            args.seed,
+        )  # fmt: skip
         if train_ds is not None
         else None
     )
@@ -307,20 +324,20 @@ def _pretrain(
         else None
     )
     test_loader = build_data_loader(test_ds, 0, mbs, dp_rank, dp_size, args.num_workers) if test_ds else None
-    cyclic = args.dataloader_type == "cyclic"
-    train_iter = _data_iterator(train_loader, cyclic)
+    train_iter = _data_iterator(train_loader, args.dataloader_type == "cyclic")
     valid_iter = _data_iterator(valid_loader, True)
     test_iter = _data_iterator(test_loader, True)
 
     writer = ScalarWriter(args, is_last_rank())
     calculator = MicroBatchCalculator(args.global_batch_size, mbs, dp_size, args.rampup_batch_size)
-    summary: dict = {"iteration": iteration, "losses": []}
+    summary: dict = {"iteration": iteration, "losses": [], "skipped_iterations": 0}
     if not args.skip_train:
         iteration = _train_loop(
             forward_step, model, optimizer, scheduler, train_iter, valid_iter, calculator, args, parallel,
             writer, iteration, start_time, summary,
         )  # fmt: skip
     summary["iteration"] = iteration
+    summary["loss_scale"] = optimizer.loss_scale
     full_batch = args.global_batch_size // (mbs * dp_size)
     summary["valid"] = evaluate_and_print(
         f"validation loss at the end of training (iteration {iteration})",
@@ -356,7 +373,6 @@ def _train_loop(
     def save(it: int) -> None:
         if args.save:
             save_checkpoint(it, model.module, optimizer, scheduler, args, parallel, args.save)
-            print_rank_0(f"  successfully saved checkpoint at iteration {it:7d} to {args.save}")
 
     model.train()
     skipped_total = nans_total = consecutive_bad = 0
@@ -378,6 +394,7 @@ def _train_loop(
             scheduler.step(increment=global_batch)
         loss_is_bad = any(not math.isfinite(v) for v in losses.values())
         skipped_total += 0 if update_successful else 1
+        summary["skipped_iterations"] = skipped_total
         nans_total += 1 if loss_is_bad else 0
         bad = loss_is_bad or (not update_successful and not args.fp16)
         consecutive_bad = consecutive_bad + 1 if bad else 0
@@ -418,8 +435,18 @@ def _train_loop(
             avg = {k: v / interval_count for k, v in interval_losses.items()}
             print_rank_0(
                 format_train_line(
-                    iteration, train_iters, args.consumed_train_samples, per_iter * 1000.0, tflops, lr,
-                    global_batch, avg, optimizer.loss_scale, grad_norm, skipped_total, nans_total,
+                    iteration,
+                    train_iters,
+                    args.consumed_train_samples,
+                    per_iter * 1000.0,
+                    tflops,
+                    lr,
+                    global_batch,
+                    avg,
+                    optimizer.loss_scale,
+                    grad_norm,
+                    skipped_total,
+                    nans_total,
                 )  # fmt: skip
             )
             perf = {"throughput-tflops-per-gpu": tflops, "iteration-time-ms": per_iter * 1000.0}
@@ -428,7 +455,9 @@ def _train_loop(
             writer.add_scalars(perf, iteration)
             if tty:
                 eta = per_iter * (train_iters - iteration)
-                print_rank_0(f"   [{iteration}/{train_iters}] eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+                print_rank_0(
+                    f"   [{iteration}/{train_iters}] eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+                )
             interval_losses, interval_count, interval_flops = {}, 0, 0.0
             interval_start = time.time()
 

@@ -33,7 +33,8 @@ def format_train_line(
     line = f" iteration {iteration:8d}/{train_iters:8d} |"
     line += f" consumed samples: {consumed_samples:12d} |"
     line += f" elapsed time per iteration (ms): {elapsed_ms:.1f} |"
-    line += f" throughput per GPU (TFLOP/s/GPU): {tflops_per_gpu:.1f} |"
+    # Megatron prints one decimal; below 1 TFLOP/s (a CPU) three keep the number informative.
+    line += f" throughput per GPU (TFLOP/s/GPU): {tflops_per_gpu:.{1 if tflops_per_gpu >= 1 else 3}f} |"
     line += f" learning rate: {learning_rate:.6E} |"
     line += f" global batch size: {global_batch_size:5d} |"
     for name, value in losses.items():
@@ -73,7 +74,9 @@ class ScalarWriter:
             except ImportError:
                 print("warning: --wandb-project given but wandb is not installed; skipping wandb", flush=True)
             else:
-                self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_exp_name, config=vars(args))
+                self.wandb = wandb.init(
+                    project=args.wandb_project, name=args.wandb_exp_name, config=vars(args)
+                )
 
     def add_scalars(self, scalars: dict[str, float], step: int) -> None:
         if self.tensorboard is not None:

@@ -39,8 +39,16 @@ def test_valid_args_derive_defaults():
 @pytest.mark.parametrize(
     "extra, world, needle",
     [
-        (["--tensor-model-parallel-size", "4"], 2, "--tensor-model-parallel-size 4 is larger than the world size 2"),
-        (["--tensor-model-parallel-size", "2"], 3, "world size 3 is not divisible by --tensor-model-parallel-size 2"),
+        (
+            ["--tensor-model-parallel-size", "4"],
+            2,
+            "--tensor-model-parallel-size 4 is larger than the world size 2",
+        ),
+        (
+            ["--tensor-model-parallel-size", "2"],
+            3,
+            "world size 3 is not divisible by --tensor-model-parallel-size 2",
+        ),
         (["--tensor-model-parallel-size", "8"], 8, "--num-attention-heads 4 is not divisible by"),
         (["--num-attention-heads", "3"], 1, "--hidden-size 64 is not divisible by --num-attention-heads 3"),
         (["--global-batch-size", "5"], 2, "--global-batch-size 5 is not a multiple of --micro-batch-size 2"),
@@ -49,12 +57,17 @@ def test_valid_args_derive_defaults():
         (["--train-samples", "100"], 1, "--train-iters or --train-samples, not both"),
         (["--max-position-embeddings", "16"], 1, "--seq-length 32 exceeds --max-position-embeddings 16"),
         (["--data-path", "a_text_document"], 1, "--data-path and --mock-data are mutually exclusive"),
-        (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "3"], 1, "--lr-warmup-fraction cannot be combined"),
+        (
+            ["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "3"],
+            1,
+            "--lr-warmup-fraction cannot be combined",
+        ),
         (["--save-interval", "5"], 1, "--save-interval needs --save"),
         (["--split", "a,b"], 1, "--split 'a,b' must be comma-separated numbers"),
         (["--hidden-dropout", "1.5"], 1, "--hidden-dropout must be in [0, 1)"),
         (["--pipeline-model-parallel-size", "2"], 2, "only 1 is supported"),
         (["--min-lr", "1.0"], 1, "--min-lr 1.0 is larger than --lr"),
+        (["--lr-warmup-iters", "10"], 1, "--lr-warmup-iters 10 must be smaller than --lr-decay-iters"),
     ],
 )
 def test_inconsistent_flags_are_named(capsys, extra, world, needle):

@@ -21,7 +21,9 @@ def paragraphs(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--input", nargs="+", required=True, help="Plain-text files (UTF-8).")
     parser.add_argument("--output", required=True, help="JSONL file to write.")
     parser.add_argument("--paragraphs-per-doc", type=int, default=20)

@@ -1,0 +1,207 @@
+"""End-to-end training: loss falls on real text, TP x DP reproduces one process, exact resume, crash safety,
+fp16 loss scaling, NaN handling."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import pretrain_bert
+import pretrain_gpt
+from tests.distributed_utils import run_distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKITEXT = Path("/work/shared/data/wikitext-2/valid.txt")
+if not WIKITEXT.exists():
+    WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+
+TINY = (
+    "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 32 --max-position-embeddings 32 "
+    "--micro-batch-size 2 --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 2 "
+    "--log-interval 4 --eval-interval 1000 --eval-iters 1 --seed 7"
+).split()
+MOCK = "--mock-data --tokenizer-type NullTokenizer --vocab-size 200".split()
+NO_DROPOUT = "--hidden-dropout 0 --attention-dropout 0".split()
+
+
+def _lm_losses(summary: dict, name: str = "lm loss") -> list[float]:
+    return [step[name] for step in summary["losses"]]
+
+
+def _train(module, argv: list[str]) -> dict:
+    return module.main([str(a) for a in argv])
+
+
+# --- loss falls on real text -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wikitext_dataset(tmp_path_factory) -> tuple[str, list[str]]:
+    """WikiText-2 validation articles, tokenized with a byte-level BPE trained on them, as .bin/.idx."""
+    from tools import preprocess_data, train_tokenizer
+
+    tmp = tmp_path_factory.mktemp("wikitext")
+    docs, current = [], []
+    for line in WIKITEXT.read_text(encoding="utf-8").splitlines():
+        if line.startswith(" = ") and not line.startswith(" = = ") and current:
+            docs.append("\n".join(current))
+            current = []
+        current.append(line)
+    docs.append("\n".join(current))
+    jsonl = tmp / "wiki.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:40]), encoding="utf-8")
+    train_tokenizer.main(
+        [
+            "--input",
+            str(jsonl),
+            "--tokenizer-type",
+            "GPT2BPETokenizer",
+            "--vocab-size",
+            "1000",
+            "--output-dir",
+            str(tmp),
+        ]
+    )
+    tok = [
+        "--tokenizer-type",
+        "GPT2BPETokenizer",
+        "--vocab-file",
+        str(tmp / "vocab.json"),
+        "--merge-file",
+        str(tmp / "merges.txt"),
+    ]
+    preprocess_data.main(["--input", str(jsonl), "--output-prefix", str(tmp / "wiki"), "--append-eod", *tok])
+    return str(tmp / "wiki_text_document"), tok
+
+
+def test_gpt_loss_falls_on_real_text(wikitext_dataset, tmp_path):
+    prefix, tok = wikitext_dataset
+    summary = _train(
+        pretrain_gpt,
+        [*TINY, "--train-iters", 60, "--global-batch-size", 8, "--data-path", prefix, "--split", "98,2,0",
+         "--data-cache-path", tmp_path, *tok],
+    )  # fmt: skip
+    losses = _lm_losses(summary)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert first > math.log(1000) - 1.0  # starts near uniform over the vocabulary
+    assert last < first - 1.0, (first, last)
+    assert summary["valid"] is not None and math.isfinite(summary["valid"]["lm loss"])
+
+
+# --- TP x DP reproduce one process ---------------------------------------------------------------------
+
+
+def _curve(rank: int, world_size: int, model: str, tp: int, iters: int) -> list[float]:
+    module = pretrain_gpt if model == "gpt" else pretrain_bert
+    argv = [*TINY, *MOCK, *NO_DROPOUT, "--train-iters", iters, "--global-batch-size", 8,
+            "--tensor-model-parallel-size", tp]  # fmt: skip
+    summary = _train(module, argv)
+    names = ["lm loss"] if model == "gpt" else ["lm loss", "sop loss"]
+    return [[step[n] for n in names] for step in summary["losses"]]
+
+
+@pytest.mark.parametrize("model", ["gpt", "bert"])
+def test_tp_dp_reproduce_single_process(model):
+    reference = _curve(0, 1, model, 1, 6)
+    for world, tp in [(2, 2), (2, 1), (4, 2)]:
+        curves = run_distributed(_curve, world, args=(model, tp, 6))
+        for curve in curves:
+            for got, want in zip(curve, reference):
+                for g, w in zip(got, want):
+                    assert abs(g - w) <= 1e-4 * abs(w), (world, tp, got, want)
+
+
+# --- resume ------------------------------------------------------------------------------------------
+
+
+def test_resume_is_bitwise_exact_with_dropout(tmp_path):
+    base = [*TINY, *MOCK, "--global-batch-size", 4, "--micro-batch-size", 2, "--train-iters", 16]
+    straight = _lm_losses(_train(pretrain_gpt, [*base, "--save", tmp_path / "a", "--save-interval", 100]))
+    ckpt = tmp_path / "b"
+    first = _lm_losses(_train(pretrain_gpt, [*base, "--save", ckpt, "--exit-interval", 8]))
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
+    second = _lm_losses(_train(pretrain_gpt, [*base, "--save", ckpt, "--load", ckpt]))
+    assert len(first) == 8 and len(second) == 8
+    assert first + second == straight  # bitwise on CPU
+
+
+def test_load_of_empty_directory_starts_fresh(tmp_path):
+    summary = _train(pretrain_gpt, [*TINY, *MOCK, "--train-iters", 3, "--load", tmp_path / "empty"])
+    assert summary["iteration"] == 3
+
+
+def test_kill_during_save_leaves_loadable_checkpoint(tmp_path):
+    """SIGKILL a run that saves every iteration at an arbitrary moment; the latest checkpoint loads."""
+    ckpt = tmp_path / "ckpt"
+    argv = [sys.executable, str(ROOT / "pretrain_gpt.py"), *map(str, TINY), *MOCK, "--train-iters", "100000",
+            "--save", str(ckpt), "--save-interval", "1"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    tracker = ckpt / "latest_checkpointed_iteration.txt"
+    deadline = time.time() + 120
+    while not (tracker.exists() and int(tracker.read_text()) >= 3) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.137)  # land somewhere inside a later save
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = int(tracker.read_text())
+    assert saved >= 3
+    summary = _train(
+        pretrain_gpt, [*TINY, *MOCK, "--train-iters", 100000, "--load", ckpt, "--exit-interval", saved + 1]
+    )
+    assert summary["iteration"] == saved + 1 and len(summary["losses"]) == 1
+
+
+def test_tp_mismatch_is_a_clear_error(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _train(pretrain_gpt, [*TINY, *MOCK, "--train-iters", 3, "--save", ckpt])
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "pretrain_gpt.py"), *map(str, TINY), *MOCK, "--train-iters", "4", "--load", str(ckpt),
+         "--tensor-model-parallel-size", "2"],
+        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "tensor" in proc.stderr.lower() and "1" in proc.stderr and "2" in proc.stderr
+    assert "was saved with tensor-model-parallel size 1 but this run uses 2" in proc.stderr
+    assert f'File "{ROOT}' not in proc.stderr  # torchrun's own agent prints a traceback; ours must not
+
+
+# --- precision and bad numbers -----------------------------------------------------------------------
+
+
+def test_fp16_overflow_skips_steps_and_lowers_scale():
+    summary = _train(
+        pretrain_gpt,
+        [*TINY, *MOCK, "--train-iters", 6, "--fp16", "--initial-loss-scale", 2.0**60, "--hysteresis", 1],
+    )
+    # 2^60 overflows fp16 gradients: the first steps are skipped and each halves the scale.
+    assert summary["skipped_iterations"] >= 1
+    assert summary["loss_scale"] < 2.0**60
+
+
+def test_bf16_trains():
+    summary = _train(pretrain_gpt, [*TINY, *MOCK, "--train-iters", 4, "--bf16"])
+    assert all(math.isfinite(v) for v in _lm_losses(summary))
+
+
+def test_persistent_nan_stops_with_clear_message(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    _train(pretrain_gpt, [*TINY, *MOCK, "--train-iters", 3, "--save", ckpt])
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "pretrain_gpt.py"), *map(str, TINY), *MOCK, "--train-iters", "50",
+         "--lr", "1e38", "--min-lr", "1e37", "--clip-grad", "0", "--load", str(ckpt), "--save", str(ckpt),
+         "--override-opt-param-scheduler", "--max-nan-iterations", "3"],
+        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "consecutive iterations" in proc.stderr and "Traceback" not in proc.stderr
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
