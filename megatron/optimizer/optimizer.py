@@ -105,7 +105,8 @@ class MegatronOptimizer:
         self._model_params: list[nn.Parameter] = []  # every trainable parameter, in param-group order
         self._main_params: list[Tensor] = []  # the tensor the torch optimizer updates for each of them
         self._half_params: list[nn.Parameter] = []  # the half-precision model params ...
-        self._main_copies: list[list[Tensor]] = []  # ... and their fp32 copies, per param group
+        self._half_mains: list[Tensor] = []  # ... and their fp32 copies
+        self._main_copies: list[list[Tensor]] = []  # the same fp32 copies, per param group (state dict)
         torch_groups = []
         for group in get_param_groups(model.module):
             group_mains, group_copies = [], []
@@ -119,6 +120,7 @@ class MegatronOptimizer:
                         raise ValueError(f"the model has {param.dtype} parameters: set --fp16 or --bf16")
                     main = param.detach().clone().float()
                     self._half_params.append(param)
+                    self._half_mains.append(main)
                     group_copies.append(main)
                 else:
                     main = param
@@ -179,7 +181,7 @@ class MegatronOptimizer:
         for main in self._main_params:
             main.grad = None
         if self._half_params:
-            torch._foreach_copy_(self._half_params, [m for group in self._main_copies for m in group])
+            torch._foreach_copy_(self._half_params, self._half_mains)
         return True, grad_norm, 0
 
     def zero_grad(self) -> None:
@@ -192,7 +194,7 @@ class MegatronOptimizer:
     def reload_model_params(self) -> None:
         """Refresh the fp32 main copies from the model params (after loading a model without optimizer)."""
         if self._half_params:
-            torch._foreach_copy_([m for group in self._main_copies for m in group], self._half_params)
+            torch._foreach_copy_(self._half_mains, self._half_params)
 
     def state_dict(self) -> dict[str, Any]:
         """Megatron's layout: see the module docstring."""
