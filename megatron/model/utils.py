@@ -75,21 +75,29 @@ def model_flops(
 
 
 def hardware_flops(
-    batch_size: int, seq_length: int, num_layers: int, hidden_size: int, vocab_size: int, full_recompute: bool
+    batch_size: int,
+    seq_length: int,
+    num_layers: int,
+    hidden_size: int,
+    vocab_size: int,
+    recompute_granularity: Optional[str],
 ) -> float:
-    """FLOPs the hardware actually does in one iteration: the model FLOPs plus, with full activation
-    recompute, one more forward pass of the transformer layers (the logit layer is not recomputed):
+    """FLOPs the hardware actually does in one iteration: the model FLOPs plus what activation recompute
+    runs a second time in backward (the logit layer is never recomputed):
 
-        96 B s L h^2 (1 + s / (6 h) + V / (16 L h))   with full recompute, else model_flops(...)
+        'full':       + one forward of every layer, 24 B s L h^2 (1 + s / (6 h)); in total
+                      96 B s L h^2 (1 + s / (6 h) + V / (16 L h))
+        'selective':  + the attention core QK^T and (attention x V), 4 B s^2 L h
+        None:         model_flops(...)
     """
-    flops = model_flops(batch_size, seq_length, num_layers, hidden_size, vocab_size)
-    if full_recompute:
-        flops += (
-            24.0
-            * batch_size
-            * seq_length
-            * num_layers
-            * hidden_size**2
-            * (1.0 + seq_length / (6.0 * hidden_size))
-        )
-    return flops
+    b, s, n_layers, h = batch_size, seq_length, num_layers, hidden_size
+    flops = model_flops(b, s, n_layers, h, vocab_size)
+    if recompute_granularity == "full":
+        return flops + 24.0 * b * s * n_layers * h * h * (1.0 + s / (6.0 * h))
+    if recompute_granularity == "selective":
+        return flops + 4.0 * b * s * s * n_layers * h
+    if recompute_granularity is None:
+        return flops
+    raise ValueError(
+        f"recompute_granularity must be None, 'full' or 'selective', got {recompute_granularity!r}"
+    )
