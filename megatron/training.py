@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron.arguments import ExtraArgsProvider, parse_args
-from megatron.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
+from megatron.checkpointing import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from megatron.data.samplers import build_data_loader
 from megatron.distributed import DistributedDataParallel
 from megatron.initialize import initialize_megatron
@@ -296,12 +296,21 @@ def _pretrain(
             )
         except ValueError as e:  # the scheduler refuses settings that contradict the checkpoint's
             raise CheckpointError(f"{args.load}: {e}") from None
+        metadata = read_metadata(args.load)
+        optimizer_restored = not (
+            args.finetune or args.no_load_optim or (metadata is not None and metadata[1])
+        )
+        if ckpt_args is not None and not optimizer_restored:
+            optimizer.reload_model_params()  # fp32 main weights from the loaded (bf16/fp16) model weights
         if ckpt_args is not None and not args.finetune:
             args.consumed_train_samples = getattr(ckpt_args, "consumed_train_samples", 0)
             args.consumed_valid_samples = getattr(ckpt_args, "consumed_valid_samples", 0)
         print_rank_0(f"> loaded checkpoint from {args.load} at iteration {iteration}")
 
-    train_ds, valid_ds, test_ds = datasets_provider(train_valid_test_num_samples(args), args)
+    try:
+        train_ds, valid_ds, test_ds = datasets_provider(train_valid_test_num_samples(args), args)
+    except (ValueError, OSError) as e:  # the data modules name the flag or file at fault
+        raise TrainingError(f"data: {e}") from None
     dp_rank, dp_size = parallel.dp_rank, parallel.dp_size
     mbs = args.micro_batch_size
     train_loader = (
@@ -414,7 +423,7 @@ def _train_loop(
             args.num_layers,
             args.hidden_size,
             args.padded_vocab_size,
-            args.recompute_granularity == "full",
+            args.recompute_granularity,
         )
         summary["losses"].append(losses)
 
