@@ -305,7 +305,8 @@ def _pretrain(
         if ckpt_args is not None and not args.finetune:
             args.consumed_train_samples = getattr(ckpt_args, "consumed_train_samples", 0)
             args.consumed_valid_samples = getattr(ckpt_args, "consumed_valid_samples", 0)
-        print_rank_0(f"> loaded checkpoint from {args.load} at iteration {iteration}")
+        if ckpt_args is not None:
+            print_rank_0(f"> loaded checkpoint from {args.load} at iteration {iteration}")
 
     try:
         train_ds, valid_ds, test_ds = datasets_provider(train_valid_test_num_samples(args), args)

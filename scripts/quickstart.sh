@@ -36,12 +36,31 @@ ls -l "$OUT/tokenizer"
 step "3/5 preprocess: JSONL -> Megatron .bin/.idx"
 TOK=(--tokenizer-type GPT2BPETokenizer --vocab-file "$OUT/tokenizer/vocab.json" --merge-file "$OUT/tokenizer/merges.txt")
 if [ ! -f "$OUT/data/shakespeare_text_document.idx" ]; then
+  mkdir -p "$OUT/data"
   python tools/preprocess_data.py --input "$OUT/corpus/train.jsonl" --output-prefix "$OUT/data/shakespeare" \
     "${TOK[@]}" --append-eod --workers 2 --log-interval 1000
 fi
 python - "$OUT/data/shakespeare_text_document" <<'PY'
 import sys
+import numpy as np
 from megatron.data.indexed_dataset import IndexedDataset
 ds = IndexedDataset(sys.argv[1])
-print(f"{sys.argv[1]}: {len(ds)} documents, {int(ds.sequence_lengths.sum())} tokens, dtype {ds.dtype.__name__}")
+print(f"{sys.argv[1]}: {len(ds)} documents, {int(ds.sequence_lengths.sum())} tokens, dtype {np.dtype(ds.dtype).name}")
 PY
+
+step "4/5 train: GPT (4 layers, hidden 256, seq 128) on $NPROC CPU processes, tensor-parallel 2 where possible"
+TP=1; [ "$NPROC" -ge 2 ] && TP=2
+if [ ! -f "$OUT/checkpoints/latest_checkpointed_iteration.txt" ] \
+  || [ "$(cat "$OUT/checkpoints/latest_checkpointed_iteration.txt")" != "$ITERS" ]; then
+  OMP_NUM_THREADS=$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 )) \
+  torchrun --standalone --nproc_per_node "$NPROC" pretrain_gpt.py \
+    --tensor-model-parallel-size "$TP" \
+    --num-layers 4 --hidden-size 256 --num-attention-heads 4 --seq-length 128 --max-position-embeddings 128 \
+    --micro-batch-size 8 --global-batch-size 16 --train-iters "$ITERS" \
+    --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 20 --weight-decay 0.1 --clip-grad 1.0 \
+    --hidden-dropout 0.1 --attention-dropout 0.1 \
+    --data-path "$OUT/data/shakespeare_text_document" --split 980,20,0 "${TOK[@]}" \
+    --log-interval 20 --eval-interval 100 --eval-iters 5 \
+    --save "$OUT/checkpoints" --save-interval 100 --load "$OUT/checkpoints" --override-opt-param-scheduler \
+    --tensorboard-dir "$OUT/tensorboard" 2>&1 | tee "$OUT/train.log"
+fi
