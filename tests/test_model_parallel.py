@@ -74,20 +74,23 @@ def _check_against_tp1(kind: str, overrides: dict, parallel: ParallelState) -> N
         assert (counter.forward, counter.backward) == (2 * config.num_layers + 1, 2 * config.num_layers + 1)
 
 
-def _tp_equivalence(rank: int, world_size: int, tp: int, cases: list[tuple[str, dict]]) -> None:
-    parallel = initialize_model_parallel(tp)
-    assert parallel.tp_size == tp and parallel.dp_size == world_size // tp
-    for kind, overrides in cases:
-        _check_against_tp1(kind, overrides, parallel)
+def _tp_equivalence(rank: int, world_size: int, grids: list[tuple[int, list[tuple[str, dict]]]]) -> None:
+    for tp, cases in grids:  # one spawn can build several grids: groups are created per call
+        parallel = initialize_model_parallel(tp)
+        assert parallel.tp_size == tp and parallel.dp_size == world_size // tp
+        for kind, overrides in cases:
+            _check_against_tp1(kind, overrides, parallel)
 
 
 @pytest.mark.parametrize(
-    "world_size, tp, cases",
-    [(2, 2, CASES), (4, 4, CASES), (4, 2, [CASES[0], CASES[2]])],  # TP 2 x DP 2: the plain GPT and BERT
-    ids=["tp2", "tp4", "tp2-dp2"],
+    "world_size, grids",
+    [(2, [(2, CASES)]), (4, [(4, CASES), (2, [CASES[0], CASES[2]])])],  # TP 2 x DP 2: plain GPT and BERT
+    ids=["tp2", "tp4-and-tp2xdp2"],
 )
-def test_models_match_single_process(world_size: int, tp: int, cases: list[tuple[str, dict]]) -> None:
-    run_distributed(_tp_equivalence, world_size, args=(tp, cases))
+def test_models_match_single_process(
+    world_size: int, grids: list[tuple[int, list[tuple[str, dict]]]]
+) -> None:
+    run_distributed(_tp_equivalence, world_size, args=(grids,))
 
 
 def _gather(x: torch.Tensor, parallel: ParallelState) -> list[torch.Tensor]:

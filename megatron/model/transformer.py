@@ -99,25 +99,30 @@ class CoreAttention(nn.Module):
         else:
             self.alibi_slopes = None
 
+    def _sdpa_mask(self, q: Tensor, allowed: Optional[Tensor]) -> tuple[Optional[Tensor], bool]:
+        """(attn_mask, is_causal) for scaled_dot_product_attention: a boolean mask (True = attend), an
+        additive float bias (ALiBi, -inf where not allowed), or None with is_causal for plain causal."""
+        if self.causal and allowed is None and self.alibi_slopes is None:
+            return None, True
+        seq = q.size(2)
+        if self.causal:
+            past = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+            allowed = past if allowed is None else allowed & past
+        if self.alibi_slopes is None:
+            return allowed, False
+        positions = torch.arange(seq, device=q.device)
+        distance = (positions[:, None] - positions[None, :]).abs().to(torch.float32)
+        bias = (-self.alibi_slopes[:, None, None] * distance).to(q.dtype)  # [local_heads, seq, seq]
+        return (bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))), False
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor]) -> Tensor:
         """q, k, v: [batch, local_heads, seq, head_dim] -> context [batch, local_heads, seq, head_dim]."""
-        seq = q.size(2)
-        dropout_p = self.dropout_p if self.training else 0.0
-        mask: Optional[Tensor] = None
-        is_causal = self.causal and allowed is None and self.alibi_slopes is None
-        if not is_causal:
-            if self.causal:
-                future = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
-                allowed = future if allowed is None else allowed & future
-            mask = allowed
-            if self.alibi_slopes is not None:
-                positions = torch.arange(seq, device=q.device)
-                distance = (positions[:, None] - positions[None, :]).abs().to(torch.float32)
-                bias = (-self.alibi_slopes[:, None, None] * distance).to(q.dtype)  # [local_heads, seq, seq]
-                mask = bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))
+        mask, is_causal = self._sdpa_mask(q, allowed)
+        if not (self.training and self.dropout_p > 0):  # no randomness: no RNG state needed (inference)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         with get_rng_tracker().fork():
             return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
+                q, k, v, attn_mask=mask, dropout_p=self.dropout_p, is_causal=is_causal
             )
 
 
