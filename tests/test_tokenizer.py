@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from types import SimpleNamespace
 
@@ -69,6 +70,39 @@ def test_gpt2_matches_reference_python_bpe(gpt2):
         ids = gpt2.tokenize(text)
         assert ids == reference.encode(text), text
         assert gpt2.detokenize(ids) == text
+
+
+def test_gpt2_matches_reference_on_random_unicode(gpt2):
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.GPT2Tokenizer(GPT2_VOCAB, GPT2_MERGES)
+    rng = random.Random(0)
+    alphabet = list("aZ9 .,'-!?$") + [
+        "'s",
+        "'ll",
+        " ",
+        "  ",
+        "\t",
+        "\n",
+        "\r\n",
+        "\u00a0",
+        "\u2028",
+        "\u3000",
+    ]
+    alphabet += ["é", "ß", "Ω", "ж", "日本", "😀", "\u0301", "١٢", "½", "𝔘", "\x00", "\x7f", "\ufeff"]
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        assert gpt2.tokenize(text) == reference.encode(text), repr(text)
+
+
+def test_gpt2_piece_cache_is_bounded_and_transparent(monkeypatch):
+    from megatron.tokenizer import gpt2 as gpt2_module
+
+    monkeypatch.setattr(gpt2_module, "CACHE_SIZE", 3)
+    small_cache = GPT2BPETokenizer(GPT2_VOCAB, GPT2_MERGES)
+    fresh = GPT2BPETokenizer(GPT2_VOCAB, GPT2_MERGES)
+    for text in TRICKY_TEXTS * 2:
+        assert small_cache.tokenize(text) == fresh.tokenize(text)
+        assert len(small_cache._cache) <= 3
 
 
 def test_gpt2_detokenize_invalid_utf8_uses_replacement(gpt2):
