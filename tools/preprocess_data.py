@@ -96,7 +96,7 @@ def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if not os.path.isdir(output_dir):
         parser.error(f"--output-prefix: directory {output_dir} does not exist")
     if args.keep_newlines and not args.split_sentences:
-        parser.error("--keep-newlines only applies with --split-sentences")
+        print("note: --keep-newlines has no effect without --split-sentences", file=sys.stderr)
     return args
 
 
@@ -140,10 +140,8 @@ class DocumentEncoder:
                 return f"{where}: JSON key '{key}' must hold a string or a list of strings"
             try:
                 encoded[key] = self._encode_sentences(sentences)
-            except (
-                ValueError,
-                TypeError,
-            ) as error:  # e.g. a NullTokenizer word that is no id; a lone surrogate
+            # ValueError: e.g. a NullTokenizer word that is no id; TypeError: a lone surrogate in the text.
+            except (ValueError, TypeError) as error:
                 return f"{where}: JSON key '{key}': cannot tokenize: {error}"
         return encoded
 
@@ -331,7 +329,11 @@ def preprocess(args: argparse.Namespace) -> dict[str, str]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    preprocess(get_args(argv))
+    args = get_args(argv)
+    try:
+        preprocess(args)
+    except OSError as error:  # e.g. an unwritable output folder; the message names the path
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

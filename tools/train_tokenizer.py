@@ -237,7 +237,10 @@ def train(args: argparse.Namespace) -> dict[str, str]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = get_args(argv)
-    paths = train(args)
+    try:
+        paths = train(args)
+    except OSError as error:  # e.g. an unwritable --output-dir; the message names the path
+        raise SystemExit(f"error: {error}") from None
     for path in paths.values():
         print(f"wrote {path}")
     print(f"load it with: {usage_hint(args, paths)}")
