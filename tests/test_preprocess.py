@@ -199,6 +199,17 @@ def test_null_tokenizer_large_vocab_uses_int32(tmp_path):
     assert read_documents(prefix) == [[[1, 2, 3, 70000]], [[69999, 0, 70000]]]
 
 
+def test_huggingface_tokenizer_json(tmp_path):
+    source = write_jsonl(tmp_path / "in.jsonl", [{"text": "Hello world"}, {"text": ""}, {"text": "Bye"}])
+    run_preprocess("--input", str(source), "--output-prefix", str(tmp_path / "hf"), "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", MINILM_DIR)  # fmt: skip
+    # Megatron's HF tokenizer applies the post-processor ([CLS] ... [SEP]), so even "" gives ids.
+    assert read_documents(str(tmp_path / "hf_text_document")) == [
+        [[101, 7592, 2088, 102]],
+        [[101, 102]],
+        [[101, 9061, 102]],
+    ]
+
+
 def test_bounded_feed_never_runs_ahead_of_capacity():
     pulled = []
 
@@ -266,6 +277,7 @@ def write_bad_inputs(folder: Path) -> None:
     (folder / "badtype.jsonl").write_text(json.dumps({"text": 5}) + "\n")
     (folder / "badutf8.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
     (folder / "null.jsonl").write_text(f"{json.dumps({'text': '1 2'})}\n{json.dumps({'text': '3 four'})}\n")
+    (folder / "surrogate.jsonl").write_text('{"text": "ok \\ud800 lone"}\n')
     (folder / "broken.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n' * 50)[:-20])
 
 
@@ -280,6 +292,7 @@ BAD_CASES = {
     "bad_value_type": (["--input", "badtype.jsonl", *GPT2_FLAGS], ["badtype.jsonl:1", "string or a list"]),
     "bad_utf8": (["--input", "badutf8.jsonl", *GPT2_FLAGS], ["badutf8.jsonl:2", "UTF-8"]),
     "truncated_gzip": (["--input", "broken.jsonl.gz", *GPT2_FLAGS], ["broken.jsonl.gz", "cannot read"]),
+    "lone_surrogate": (["--input", "surrogate.jsonl", *GPT2_FLAGS], ["surrogate.jsonl:1", "cannot tokenize"]),
     "null_not_an_id": (
         ["--input", "null.jsonl", "--tokenizer-type", "NullTokenizer", "--vocab-size", "10"],
         ["null.jsonl:2", "'four' is not an integer"],
