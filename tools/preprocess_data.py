@@ -140,8 +140,9 @@ class DocumentEncoder:
                 return f"{where}: JSON key '{key}' must hold a string or a list of strings"
             try:
                 encoded[key] = self._encode_sentences(sentences)
-            # ValueError: e.g. a NullTokenizer word that is no id; TypeError: a lone surrogate in the text.
-            except (ValueError, TypeError) as error:
+            # ValueError: e.g. a NullTokenizer word that is no id; TypeError: a lone surrogate in the text;
+            # OverflowError: an id that does not fit the dataset dtype (a tokenizer with holes in its ids).
+            except (ValueError, TypeError, OverflowError) as error:
                 return f"{where}: JSON key '{key}': cannot tokenize: {error}"
         return encoded
 
