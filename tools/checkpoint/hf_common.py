@@ -1,0 +1,70 @@
+"""What the GPT-2 and BERT Hugging Face conversions share: the QKV row order, the GeLU name, the checks
+that a model fits the Hugging Face architectures, and tokenizer files.
+
+QKV. Our fused query_key_value weight [3 n d, h] (n heads of size d) has its rows ordered
+[heads, 3, head_dim]: head 0's q, k, v rows, then head 1's, ... (so a TP rank's contiguous slice holds
+whole heads). Hugging Face orders them [3, heads, head_dim]: all q rows, all k rows, all v rows, heads
+contiguous inside each. `per_head_to_blocks` and `blocks_to_per_head` convert a weight or bias between
+the two; they are exact permutations, so the round trip is bitwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from typing import Optional
+
+from torch import Tensor
+
+from tools.checkpoint.checkpoint_io import ToolError
+
+GELU_TANH = "gelu_new"  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): our bias_gelu_fusion / openai_gelu
+GELU_ERF = "gelu"  # x Phi(x)
+
+
+def per_head_to_blocks(qkv: Tensor, num_heads: int) -> Tensor:
+    """Rows [heads, 3, head_dim] -> [3, heads, head_dim] (q | k | v blocks); `qkv` is [3 n d, ...]."""
+    rest = qkv.shape[1:]
+    return qkv.reshape(num_heads, 3, -1, *rest).transpose(0, 1).reshape(qkv.shape).contiguous()
+
+
+def blocks_to_per_head(qkv: Tensor, num_heads: int) -> Tensor:
+    """Rows [3, heads, head_dim] (q | k | v blocks) -> [heads, 3, head_dim]; inverse of per_head_to_blocks."""
+    rest = qkv.shape[1:]
+    return qkv.reshape(3, num_heads, -1, *rest).transpose(0, 1).reshape(qkv.shape).contiguous()
+
+
+def hf_activation(saved_args: argparse.Namespace) -> str:
+    """The Hugging Face activation name of our GeLU: tanh form with openai_gelu or bias_gelu_fusion."""
+    tanh = getattr(saved_args, "openai_gelu", False) or getattr(saved_args, "bias_gelu_fusion", False)
+    return GELU_TANH if tanh else GELU_ERF
+
+
+def check_exportable(saved_args: argparse.Namespace, architecture: str) -> None:
+    """ToolError naming the setting when the model uses a feature `architecture` does not have."""
+    unsupported = []
+    if getattr(saved_args, "position_embedding_type", "learned_absolute") != "learned_absolute":
+        unsupported.append(f"--position-embedding-type {saved_args.position_embedding_type}")
+    if getattr(saved_args, "embedding_layernorm", False):
+        unsupported.append("--embedding-layernorm")
+    if getattr(saved_args, "apply_residual_connection_post_layernorm", False):
+        unsupported.append("--apply-residual-connection-post-layernorm (post-LN residuals)")
+    heads, hidden = saved_args.num_attention_heads, saved_args.hidden_size
+    kv_channels = getattr(saved_args, "kv_channels", None) or hidden // heads
+    if kv_channels * heads != hidden:
+        unsupported.append(f"--kv-channels {kv_channels} x {heads} heads != hidden size {hidden}")
+    if unsupported:
+        raise ToolError(f"{architecture} cannot express this model: {'; '.join(unsupported)}")
+
+
+def copy_tokenizer_file(source: Optional[str], directory: str, name: str, what: str) -> bool:
+    """Copy `source` to `<directory>/<name>`; False (with a warning) when the file is not available."""
+    if not source:
+        return False
+    if not os.path.isfile(source):
+        print(f"warning: {what} {source} not found; no {name} written", file=sys.stderr)
+        return False
+    shutil.copyfile(source, os.path.join(directory, name))
+    return True

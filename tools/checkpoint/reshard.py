@@ -1,0 +1,215 @@
+"""Reshape a checkpoint to another tensor-parallel (TP) size: merge shards, re-pad the vocabulary, split.
+
+    python tools/checkpoint/reshard.py --load ckpt_tp2 --save ckpt_tp1 --target-tensor-model-parallel-size 1
+
+The output is a complete checkpoint for `--tensor-model-parallel-size N` training or evaluation: the tracker,
+the same iteration (or release) dir, and one `mp_rank_XX/model_optim_rng.pt` per target rank holding
+
+* `model`: each parameter merged and split along its TP dimension (tools/checkpoint/tp_layout.py); the
+  vocabulary rows re-padded to a multiple of make_vocab_size_divisible_by x N, the size training at TP=N
+  computes from the tokenizer (zero rows appended, or padding rows dropped);
+* `args`: the saved args with tensor_model_parallel_size = N and the new padded_vocab_size;
+* `optimizer`: None by default (continue training with --no-load-optim); with --keep-optimizer the fp32
+  main params and the optimizer's moments resharded like the parameters (optimizer_state.py);
+* `opt_param_scheduler`, `iteration`, `checkpoint_version`: copied;
+* `rng_state`: target rank r < source size keeps source rank r's states; a new rank r gets rank 0's
+  python/numpy/torch states (identical on all TP ranks) and a fresh 'model-parallel-rng' stream seeded
+  seed + 2718 + r, as training seeds TP rank r. (When the source holds CUDA generator states and this
+  machine has no CUDA, the new streams cannot be made: rng_state is then dropped, load with --no-load-rng.)
+
+The real vocabulary size, needed when the padded size changes, is taken from --true-vocab-size, or deduced
+when every size consistent with the source padding pads alike, or read from the tokenizer the saved args
+name. The output folder is built under a temporary name and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from typing import Any, Optional
+
+from megatron.parallel.random import MODEL_PARALLEL_RNG, TP_SEED_OFFSET, RNGStatesTracker
+from megatron.tokenizer import build_tokenizer
+from tools.checkpoint.checkpoint_io import (
+    LoadedCheckpoint,
+    ToolError,
+    atomic_output_dir,
+    check_distinct_paths,
+    load_checkpoint_shards,
+    shard_file_state,
+    write_checkpoint,
+)
+from tools.checkpoint.optimizer_state import reshard_optimizer
+from tools.checkpoint.tp_layout import merge_shards, repad_vocab, split_whole, target_padded_vocab_size
+
+
+def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--load", required=True, help="Checkpoint folder to read (with its tracker file).")
+    parser.add_argument("--save", required=True, help="New checkpoint folder to write (must not exist).")
+    parser.add_argument(
+        "--target-tensor-model-parallel-size", type=int, required=True, help="TP size of the output."
+    )
+    parser.add_argument(
+        "--keep-optimizer",
+        action="store_true",
+        help="Reshard the optimizer state too (default: drop it; load with --no-load-optim).",
+    )
+    parser.add_argument(
+        "--true-vocab-size",
+        type=int,
+        default=None,
+        help="The tokenizer's vocabulary size, when the padded vocabulary must change and the tokenizer "
+        "files named in the checkpoint's args are not available.",
+    )
+    parser.add_argument("--force", action="store_true", help="Replace --save if it exists.")
+    args = parser.parse_args(argv)
+    if args.target_tensor_model_parallel_size < 1:
+        parser.error("--target-tensor-model-parallel-size must be >= 1")
+    if args.true_vocab_size is not None and args.true_vocab_size < 1:
+        parser.error("--true-vocab-size must be >= 1")
+    return args
+
+
+def check_target_tp(saved_args: argparse.Namespace, target_tp: int) -> None:
+    """ToolError unless the attention heads and the MLP width split evenly over `target_tp` ranks."""
+    heads = saved_args.num_attention_heads
+    ffn = getattr(saved_args, "ffn_hidden_size", None) or 4 * saved_args.hidden_size
+    if heads % target_tp != 0:
+        raise ToolError(
+            f"--target-tensor-model-parallel-size {target_tp} does not divide the {heads} attention heads"
+        )
+    if ffn % target_tp != 0:
+        raise ToolError(
+            f"--target-tensor-model-parallel-size {target_tp} does not divide ffn_hidden_size {ffn}"
+        )
+
+
+def resolve_padded_vocab_size(
+    saved_args: argparse.Namespace, source_tp: int, target_tp: int, true_vocab_size: Optional[int]
+) -> int:
+    """The padded vocabulary training at `target_tp` uses (see the module docstring for the sources of V)."""
+    padded = saved_args.padded_vocab_size
+    divisible_by = getattr(saved_args, "make_vocab_size_divisible_by", 128)
+    target = target_padded_vocab_size(padded, divisible_by, source_tp, target_tp, true_vocab_size)
+    if target is not None:
+        return target
+    from_tokenizer = _tokenizer_vocab_size(saved_args)
+    if from_tokenizer is None:
+        raise ToolError(
+            f"the padded vocabulary ({padded}, a multiple of {divisible_by} x {source_tp}) must be re-padded "
+            f"for tensor-parallel size {target_tp}, which needs the tokenizer's real vocabulary size: the "
+            f"tokenizer named in the checkpoint's args ({getattr(saved_args, 'tokenizer_type', None)}) cannot "
+            "be loaded here; pass --true-vocab-size N"
+        )
+    return target_padded_vocab_size(padded, divisible_by, source_tp, target_tp, from_tokenizer)
+
+
+def _tokenizer_vocab_size(saved_args: argparse.Namespace) -> Optional[int]:
+    """The vocabulary size of the tokenizer the saved args describe, or None if it cannot be built here."""
+    if getattr(saved_args, "tokenizer_type", None) is None:
+        return None
+    try:
+        return build_tokenizer(saved_args).vocab_size
+    except Exception:  # missing files, unknown type: the caller asks for --true-vocab-size instead
+        return None
+
+
+def reshard_checkpoint(
+    checkpoint: LoadedCheckpoint, target_tp: int, keep_optimizer: bool, true_vocab_size: Optional[int]
+) -> list[dict[str, Any]]:
+    """The file contents (one dict per target TP rank) of `checkpoint` resharded to `target_tp` ranks."""
+    saved_args = checkpoint.args
+    check_target_tp(saved_args, target_tp)
+    padded_vocab_size = resolve_padded_vocab_size(saved_args, checkpoint.tp_size, target_tp, true_vocab_size)
+    model_shards = checkpoint.model_shards()
+    whole = repad_vocab(merge_shards(model_shards, "model"), padded_vocab_size)
+    new_models = split_whole(whole, target_tp)
+
+    optimizers: list[Optional[dict[str, Any]]] = [None] * target_tp
+    if keep_optimizer:
+        optimizer_shards = [shard.get("optimizer") for shard in checkpoint.shards]
+        if any(state is None for state in optimizer_shards):
+            raise ToolError(
+                f"--keep-optimizer: {checkpoint.checkpoint_dir} holds no optimizer state; run without it"
+            )
+        optimizers = reshard_optimizer(optimizer_shards, model_shards, target_tp, padded_vocab_size)
+
+    new_args = copy.copy(saved_args)
+    new_args.tensor_model_parallel_size = target_tp
+    new_args.padded_vocab_size = padded_vocab_size
+    rng_states = reshard_rng_states(
+        [shard.get("rng_state") for shard in checkpoint.shards], target_tp, getattr(saved_args, "seed", 1234)
+    )
+    scheduler = checkpoint.shards[0].get("opt_param_scheduler")
+    return [
+        shard_file_state(
+            new_args,
+            checkpoint.shards[0]["iteration"],
+            new_models[r],
+            optimizers[r],
+            scheduler,
+            rng_states[r],
+        )
+        for r in range(target_tp)
+    ]
+
+
+def reshard_rng_states(
+    rng_shards: list[Optional[list[dict[str, Any]]]], target_tp: int, seed: int
+) -> list[Optional[list[dict[str, Any]]]]:
+    """`rng_state` (a list over DP ranks) for each target TP rank; see the module docstring for the rule.
+
+    All None when any source rank has none, or when a new stream would need a CUDA state without CUDA here.
+    """
+    if any(state is None for state in rng_shards):
+        return [None] * target_tp
+    new: list[Optional[list[dict[str, Any]]]] = []
+    for tp_rank in range(target_tp):
+        if tp_rank < len(rng_shards):
+            new.append(rng_shards[tp_rank])
+            continue
+        tracker = RNGStatesTracker()
+        tracker.add(MODEL_PARALLEL_RNG, seed + TP_SEED_OFFSET + tp_rank)
+        fresh = tracker.get_states()[MODEL_PARALLEL_RNG]
+        entries = []
+        for entry in rng_shards[0]:
+            source_devices = set(entry["rng_tracker_states"].get(MODEL_PARALLEL_RNG, fresh))
+            if not source_devices <= set(fresh):
+                print(
+                    "note: the checkpoint holds CUDA RNG states, which cannot be created without CUDA; "
+                    "rng_state dropped: load the output with --no-load-rng",
+                    file=sys.stderr,
+                )
+                return [None] * target_tp
+            tracker_states = dict(entry["rng_tracker_states"])
+            tracker_states[MODEL_PARALLEL_RNG] = {device: fresh[device] for device in source_devices}
+            entries.append({**entry, "rng_tracker_states": tracker_states})
+        new.append(entries)
+    return new
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = get_args(argv)
+    try:
+        check_distinct_paths(args.load, args.save, "--load", "--save")
+        checkpoint = load_checkpoint_shards(args.load)
+        target_tp = args.target_tensor_model_parallel_size
+        shards = reshard_checkpoint(checkpoint, target_tp, args.keep_optimizer, args.true_vocab_size)
+        with atomic_output_dir(args.save, args.force, "--save") as temp_dir:
+            write_checkpoint(temp_dir, checkpoint.iteration, checkpoint.release, shards)
+    except ToolError as e:
+        raise SystemExit(f"error: {e}") from None
+    what = "release" if checkpoint.release else f"iteration {checkpoint.iteration}"
+    old_vocab, new_vocab = checkpoint.args.padded_vocab_size, shards[0]["args"].padded_vocab_size
+    print(
+        f"resharded {args.load} ({what}) from tensor-parallel size {checkpoint.tp_size} to {target_tp} "
+        f"into {args.save}; padded vocabulary {old_vocab} -> {new_vocab}"
+    )
+    if not args.keep_optimizer:
+        print("optimizer state dropped: continue training from it with --no-load-optim")
+
+
+if __name__ == "__main__":
+    main()
