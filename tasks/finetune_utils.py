@@ -1,0 +1,318 @@
+"""Fine-tune a BERT classifier for --epochs over --train-data, evaluating every --valid-data after each epoch.
+
+    finetune(args, parallel, task)
+
+1. Datasets: the samples of all --train-data paths; each --valid-data path is evaluated separately.
+2. Length: an iteration consumes one global batch of G = --global-batch-size samples (micro batches of
+   --micro-batch-size per data-parallel rank, with gradient accumulation when G > micro x DP);
+   an epoch is floor(train samples / G) iterations over a fresh random order (seeded by --seed + epoch;
+   the last partial batch is dropped), and --train-iters = --epochs x that.
+3. Model: `task.model_provider` (BERT encoder + task head), wrapped for data parallelism, with the
+   project's optimizer and learning-rate schedule (--lr, --lr-warmup-fraction/-iters, --lr-decay-style,
+   ...). Weights: --load resumes a fine-tuning run (model, optimizer, schedule, position in the data);
+   otherwise --pretrained-checkpoint gives the encoder (model weights only; a head missing from it
+   starts from its random initialisation).
+4. Each iteration: forward/backward of the micro batches, DP gradient all-reduce, optimizer step
+   (megatron.training.train_step); loss = cross entropy of the logits against the labels, averaged
+   over the micro batch.
+5. After each epoch: accuracy on each --valid-data (argmax of the logits == label, counted exactly over
+   DP ranks), printed as Megatron-LM prints it, then a checkpoint in --save (also every --save-interval).
+
+--epochs 0 only evaluates the model of --load or --pretrained-checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import ConcatDataset, Dataset
+
+from megatron.checkpointing import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from megatron.data.samplers import build_data_loader
+from megatron.model.utils import hardware_flops
+from megatron.parallel.state import ParallelState
+from megatron.training import TrainingError, setup_model_and_optimizer, train_step
+from megatron.training_log import format_train_line
+from tasks.data_utils import TaskError
+from tasks.eval_utils import model_device, print_rank_0, sum_over_dataset
+
+ModelProvider = Callable[[argparse.Namespace, ParallelState], nn.Module]
+
+
+@dataclass
+class FinetuneTask:
+    """What a task gives `finetune`: how to read one data path and how to build its model."""
+
+    name: str
+    build_dataset: Callable[[str], Dataset]  # a --train-data / --valid-data path -> dataset of sample dicts
+    model_provider: ModelProvider
+    sequences_per_sample: int = 1  # RACE: 4 (one sequence per choice), for the FLOP count in the log
+
+
+def batch_num_correct(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Number of samples of the batch whose argmax logit is the label."""
+    device = model_device(model)
+    logits = model(batch["text"].to(device), batch["padding_mask"].to(device), batch["types"].to(device))
+    return (logits.argmax(dim=-1) == batch["label"].to(device)).sum()
+
+
+def evaluate_accuracy(
+    model: nn.Module, dataset: Dataset, batch_size: int, parallel: ParallelState
+) -> tuple[int, int]:
+    """(correct, total) over the whole dataset, dropout off; the same on every rank."""
+    was_training = model.training
+    model.eval()
+    correct = sum_over_dataset(dataset, batch_num_correct, model, batch_size, parallel)
+    model.train(was_training)
+    return int(correct), len(dataset)  # type: ignore[arg-type]
+
+
+def _loss_func(labels: Tensor, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    loss = F.cross_entropy(logits.float(), labels)
+    return loss, {"lm loss": loss.detach()}
+
+
+def forward_step(
+    data_iterator: Iterator, model: nn.Module, args: argparse.Namespace, parallel: ParallelState
+):
+    """One micro batch: logits and the cross-entropy loss function (megatron.training's interface)."""
+    batch = next(data_iterator)
+    device = model_device(model)
+    logits = model(batch["text"].to(device), batch["padding_mask"].to(device), batch["types"].to(device))
+    return logits, partial(_loss_func, batch["label"].to(device))
+
+
+def split_micro_batches(
+    batches: Iterator[dict[str, Tensor]], num_micro_batches: int
+) -> Iterator[dict[str, Tensor]]:
+    """Cut each batch (this rank's share of one global batch) into `num_micro_batches` equal micro batches."""
+    for batch in batches:
+        for chunks in zip(*(tensor.chunk(num_micro_batches) for tensor in batch.values())):
+            yield dict(zip(batch, chunks))
+
+
+def train_batches(
+    dataset: Dataset, args: argparse.Namespace, parallel: ParallelState, iteration: int
+) -> Iterator[dict[str, Tensor]]:
+    """Micro batches from `iteration` on, epoch after epoch (module docstring, item 2).
+
+    The shuffling sampler yields this DP rank's slice of each global batch (G / DP samples, in an order
+    drawn from --seed + epoch), which is cut into the micro batches of one iteration.
+    """
+    per_rank = args.global_batch_size // parallel.dp_size
+    loader = build_data_loader(
+        dataset,
+        iteration * args.global_batch_size,
+        per_rank,
+        parallel.dp_rank,
+        parallel.dp_size,
+        args.num_workers,
+        "cyclic",
+        args.seed,
+    )
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))
+    return split_micro_batches(batches, per_rank // args.micro_batch_size)
+
+
+def load_pretrained(model: nn.Module, checkpoint_dir: str, parallel: ParallelState) -> None:
+    """Load the model weights of `checkpoint_dir` (e.g. pretrained BERT) into the task model.
+
+    Every encoder weight (`language_model.*`) must be in the checkpoint; task-head weights that are not
+    keep their random initialisation, and checkpoint weights the model lacks (BERT's LM and
+    next-sentence heads) are ignored. Optimizer and RNG states are not read.
+    """
+    if read_metadata(checkpoint_dir) is None:
+        raise CheckpointError(
+            f"--pretrained-checkpoint {checkpoint_dir}: no latest_checkpointed_iteration.txt there"
+        )
+    reports = []
+    handle = model.register_load_state_dict_post_hook(lambda module, keys: reports.append(keys))
+    try:
+        load_checkpoint(
+            model, None, None, checkpoint_dir, parallel, no_load_rng=True, finetune=True, strict=False
+        )
+    finally:
+        handle.remove()
+    missing = reports[-1].missing_keys
+    encoder = [key for key in missing if key.startswith("language_model.")]
+    if encoder:
+        raise CheckpointError(
+            f"--pretrained-checkpoint {checkpoint_dir} lacks encoder weights {encoder[:4]}"
+            f"{' ...' if len(encoder) > 4 else ''}: not a BERT checkpoint of this model's shape "
+            "(for BERT trained with --bert-no-binary-head there is no pooler to start from)"
+        )
+    if missing:
+        print_rank_0(
+            parallel, f"> {', '.join(missing)} not in the pretrained checkpoint: randomly initialised"
+        )
+
+
+def _check_schedule(args: argparse.Namespace) -> None:
+    if args.train_samples is not None or args.train_iters is not None:
+        raise TaskError("--train-iters/--train-samples do not apply to fine-tuning: its length is --epochs")
+    if args.lr_decay_samples is not None or args.lr_warmup_samples:
+        raise TaskError("fine-tuning counts in iterations: use --lr-decay-iters / --lr-warmup-iters")
+
+
+def _set_train_iters(args: argparse.Namespace, num_train_samples: int) -> int:
+    """Set args.train_iters = epochs x iterations per epoch; return the iterations per epoch."""
+    iters_per_epoch = num_train_samples // args.global_batch_size
+    if iters_per_epoch == 0:
+        raise TaskError(
+            f"--train-data has {num_train_samples} samples, fewer than one --global-batch-size "
+            f"{args.global_batch_size}"
+        )
+    args.train_iters = args.epochs * iters_per_epoch
+    if args.lr_warmup_iters >= (args.lr_decay_iters or args.train_iters):
+        raise TaskError(
+            f"--lr-warmup-iters {args.lr_warmup_iters} must be below --lr-decay-iters (default: --epochs x "
+            f"iterations per epoch = {args.train_iters})"
+        )
+    return iters_per_epoch
+
+
+def _report_accuracy(
+    model: nn.Module,
+    valid_sets: list[Dataset],
+    args: argparse.Namespace,
+    parallel: ParallelState,
+    epoch: int,
+) -> dict[str, tuple[int, int]]:
+    """Evaluate every validation set, print Megatron's metric lines, return {name: (correct, total)}."""
+    results = {}
+    for dataset in valid_sets:
+        start = time.time()
+        correct, total = evaluate_accuracy(model, dataset, args.eval_micro_batch_size, parallel)
+        results[dataset.name] = (correct, total)
+        print_rank_0(
+            parallel,
+            f" > |epoch: {epoch}| metrics for {dataset.name}: correct / total = {correct} / {total} = "
+            f"{100.0 * correct / total:.4f} %, elapsed time (sec): {time.time() - start:.3f}",
+        )
+    correct = sum(c for c, _ in results.values())
+    total = sum(t for _, t in results.values())
+    if total:
+        print_rank_0(
+            parallel,
+            f" >> |epoch: {epoch}| overall: correct / total = {correct} / {total} = {100.0 * correct / total:.4f} %",
+        )
+    return results
+
+
+def finetune(args: argparse.Namespace, parallel: ParallelState, task: FinetuneTask) -> dict:
+    """Fine-tune and/or evaluate (module docstring). Returns {"iteration", "losses": [per iteration],
+    "accuracy": [{valid path: (correct, total)} per evaluation]} for scripts and tests."""
+    _check_schedule(args)
+    valid_sets = [task.build_dataset(path) for path in args.valid_data or []]
+    summary: dict = {"iteration": 0, "losses": [], "accuracy": []}
+    if args.epochs == 0:
+        model = _model_for_evaluation(args, parallel, task)
+        summary["accuracy"].append(_report_accuracy(model, valid_sets, args, parallel, epoch=0))
+        return summary
+
+    train_set = ConcatDataset([task.build_dataset(path) for path in args.train_data])
+    iters_per_epoch = _set_train_iters(args, len(train_set))
+    print_rank_0(
+        parallel,
+        f"> {task.name}: {len(train_set)} training samples, {iters_per_epoch} iterations per epoch of "
+        f"{args.global_batch_size}, {args.epochs} epochs",
+    )
+    model, optimizer, scheduler = setup_model_and_optimizer(task.model_provider, args, parallel)
+    iteration = 0
+    if args.load:
+        iteration, _ = load_checkpoint(
+            model.module, optimizer, scheduler, args.load, parallel,
+            no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng, finetune=args.finetune,
+        )  # fmt: skip
+    if iteration == 0 and args.pretrained_checkpoint:
+        load_pretrained(model.module, args.pretrained_checkpoint, parallel)
+        optimizer.reload_model_params()  # the fp32 main copies of a bf16/fp16 model follow the new weights
+    summary["iteration"] = iteration
+
+    def save(it: int) -> None:
+        if args.save:
+            args.consumed_train_samples = it * args.global_batch_size
+            save_checkpoint(it, model.module, optimizer, scheduler, args, parallel, args.save)
+
+    data = train_batches(train_set, args, parallel, iteration)
+    num_micro_batches = args.global_batch_size // (args.micro_batch_size * parallel.dp_size)
+    sequences = args.global_batch_size * task.sequences_per_sample
+    flops = hardware_flops(
+        sequences, args.seq_length, args.num_layers, args.hidden_size, 0, args.recompute_granularity
+    )
+    model.train()
+    interval_start, interval_iters = time.time(), 0
+    consecutive_bad = skipped = nans = 0
+    while iteration < args.train_iters:
+        losses, update_successful, grad_norm = train_step(
+            forward_step, data, model, optimizer, num_micro_batches, args, parallel
+        )
+        iteration += 1
+        summary["iteration"] = iteration
+        summary["losses"].append(losses)
+        if update_successful:
+            scheduler.step(increment=args.global_batch_size)
+        skipped += 0 if update_successful else 1
+        loss_is_bad = not all(math.isfinite(v) for v in losses.values())
+        nans += int(loss_is_bad)
+        bad = loss_is_bad or not (update_successful or args.fp16)
+        consecutive_bad = consecutive_bad + 1 if bad else 0
+        if consecutive_bad >= args.max_nan_iterations:
+            raise TrainingError(
+                f"{consecutive_bad} consecutive iterations up to {iteration} had NaN/inf losses"
+            )
+        interval_iters += 1
+        if iteration % args.log_interval == 0:
+            elapsed = (time.time() - interval_start) / interval_iters
+            print_rank_0(
+                parallel,
+                format_train_line(
+                    iteration,
+                    args.train_iters,
+                    iteration * args.global_batch_size,
+                    elapsed * 1000.0,
+                    flops / elapsed / args.world_size / 1e12,
+                    scheduler.get_lr(),
+                    args.global_batch_size,
+                    losses,
+                    optimizer.loss_scale,
+                    grad_norm,
+                    skipped,
+                    nans,
+                ),  # fmt: skip
+            )
+            interval_start, interval_iters = time.time(), 0
+        epoch_done = iteration % iters_per_epoch == 0
+        if args.save_interval and iteration % args.save_interval == 0 and not epoch_done:
+            save(iteration)
+        if epoch_done:
+            epoch = iteration // iters_per_epoch
+            summary["accuracy"].append(_report_accuracy(model, valid_sets, args, parallel, epoch))
+            save(iteration)
+    return summary
+
+
+def _model_for_evaluation(args: argparse.Namespace, parallel: ParallelState, task: FinetuneTask) -> nn.Module:
+    """The task model with the weights of --load (a fine-tuned checkpoint) or --pretrained-checkpoint."""
+    if not (args.load or args.pretrained_checkpoint):
+        raise TaskError("--epochs 0 evaluates a trained model: give --load or --pretrained-checkpoint")
+    model = task.model_provider(args, parallel).to(dtype=args.params_dtype)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    if args.load:
+        if read_metadata(args.load) is None:
+            raise CheckpointError(f"--load {args.load}: no latest_checkpointed_iteration.txt there")
+        load_checkpoint(model, None, None, args.load, parallel, no_load_rng=True, finetune=True)
+    else:
+        load_pretrained(model, args.pretrained_checkpoint, parallel)
+    return model
