@@ -14,7 +14,7 @@ setup(
         "tokenizers",
         "sentencepiece",
         "regex",
-        "nltk",
+        "nltk>=3.9",
         "tensorboard",
         "tqdm",
     ],
