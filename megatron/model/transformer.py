@@ -43,7 +43,8 @@ POSITION_EMBEDDING_TYPES = ("learned_absolute", "alibi")
 
 
 def check_config(config: TransformerConfig, parallel: ParallelState) -> None:
-    """Raise ValueError, naming the Megatron flag, when the model shape does not fit the TP size."""
+    """Raise ValueError, naming the Megatron flag, for what the model cannot build: sizes not divisible by
+    the TP size, an unknown recompute granularity or position embedding type."""
     tp = parallel.tp_size
     if config.num_attention_heads % tp != 0:
         raise ValueError(
