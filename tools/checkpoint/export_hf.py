@@ -106,7 +106,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         check_distinct_paths(args.load, args.output, "--load", "--output")
         architecture = export_checkpoint(args.load, args.output, args.force)
-    except ToolError as e:
+    except (ToolError, OSError) as e:  # OSError: unreadable input, full disk, no permission
         raise SystemExit(f"error: {e}") from None
     print(f"exported {args.load} as {architecture} to {args.output}")
 

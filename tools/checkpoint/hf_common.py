@@ -18,6 +18,7 @@ from typing import Optional
 
 from torch import Tensor
 
+from megatron.tokenizer import build_tokenizer
 from tools.checkpoint.checkpoint_io import ToolError
 
 GELU_TANH = "gelu_new"  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): our bias_gelu_fusion / openai_gelu
@@ -57,6 +58,17 @@ def check_exportable(saved_args: argparse.Namespace, architecture: str) -> None:
         unsupported.append(f"--kv-channels {kv_channels} x {heads} heads != hidden size {hidden}")
     if unsupported:
         raise ToolError(f"{architecture} cannot express this model: {'; '.join(unsupported)}")
+
+
+def end_of_document_id(saved_args: argparse.Namespace) -> Optional[int]:
+    """The tokenizer's end-of-document id (saved as eod_token, or from the tokenizer files), else None."""
+    eod = getattr(saved_args, "eod_token", None)
+    if eod is not None or getattr(saved_args, "tokenizer_type", None) is None:
+        return eod
+    try:
+        return build_tokenizer(saved_args).eod
+    except Exception:  # tokenizer files not available here: the config simply names no eos token
+        return None
 
 
 def copy_tokenizer_file(source: Optional[str], directory: str, name: str, what: str) -> bool:

@@ -36,6 +36,7 @@ from tools.checkpoint.hf_common import (
     GELU_TANH,
     blocks_to_per_head,
     check_exportable,
+    end_of_document_id,
     hf_activation,
     per_head_to_blocks,
 )
@@ -87,7 +88,7 @@ def gpt2_config_from_args(saved_args: argparse.Namespace, dtype: torch.dtype):
     from transformers import GPT2Config
 
     check_exportable(saved_args, "Hugging Face GPT-2")
-    eod = getattr(saved_args, "eod_token", None)
+    eod = end_of_document_id(saved_args)
     return GPT2Config(
         vocab_size=saved_args.padded_vocab_size,
         n_positions=saved_args.max_position_embeddings,

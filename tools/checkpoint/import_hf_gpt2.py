@@ -206,7 +206,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             args.iteration,
             args.force,
         )
-    except ToolError as e:
+    except (ToolError, OSError) as e:  # OSError: unreadable input, full disk, no permission
         raise SystemExit(f"error: {e}") from None
     print(
         f"imported {args.hf_dir} into {args.save}: {saved.num_layers} layers, hidden {saved.hidden_size}, "

@@ -199,7 +199,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         shards = reshard_checkpoint(checkpoint, target_tp, args.keep_optimizer, args.true_vocab_size)
         with atomic_output_dir(args.save, args.force, "--save") as temp_dir:
             write_checkpoint(temp_dir, checkpoint.iteration, checkpoint.release, shards)
-    except ToolError as e:
+    except (ToolError, OSError) as e:  # OSError: unreadable input, full disk, no permission
         raise SystemExit(f"error: {e}") from None
     what = "release" if checkpoint.release else f"iteration {checkpoint.iteration}"
     old_vocab, new_vocab = checkpoint.args.padded_vocab_size, shards[0]["args"].padded_vocab_size
