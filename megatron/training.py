@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -243,6 +244,62 @@ def setup_model_and_optimizer(
     return model, optimizer, scheduler
 
 
+def load_for_training(
+    model: DistributedDataParallel,
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler,
+    args: argparse.Namespace,
+    parallel: ParallelState,
+) -> int:
+    """Resume from --load (or start fresh when it holds no checkpoint); returns the iteration."""
+    try:
+        iteration, ckpt_args = load_checkpoint(
+            model.module,
+            optimizer,
+            scheduler,
+            args.load,
+            parallel,
+            no_load_optim=args.no_load_optim,
+            no_load_rng=args.no_load_rng,
+            finetune=args.finetune,
+        )
+    except ValueError as e:  # the scheduler refuses settings that contradict the checkpoint's
+        raise CheckpointError(f"{args.load}: {e}") from None
+    if ckpt_args is None:
+        return 0
+    release = read_metadata(args.load)[1]
+    if args.finetune or args.no_load_optim or release:
+        optimizer.reload_model_params()  # fp32 main weights from the loaded (bf16/fp16) model weights
+    if not args.finetune:
+        args.consumed_train_samples = getattr(ckpt_args, "consumed_train_samples", 0)
+        args.consumed_valid_samples = getattr(ckpt_args, "consumed_valid_samples", 0)
+    print_rank_0(f"> loaded checkpoint from {args.load} at iteration {iteration}")
+    return iteration
+
+
+def build_data_iterators(
+    datasets: tuple, args: argparse.Namespace, parallel: ParallelState
+) -> tuple[Optional[Iterator], ...]:
+    """Iterators over this data-parallel rank's micro batches; training resumes at the consumed samples.
+    Validation and test iterators cycle, so any number of evaluations can draw from them."""
+    train_ds, valid_ds, test_ds = datasets
+    loader = partial(
+        build_data_loader,
+        micro_batch_size=args.micro_batch_size,
+        parallel_rank=parallel.dp_rank,
+        parallel_size=parallel.dp_size,
+        num_workers=args.num_workers,
+    )
+    train = loader(
+        train_ds, args.consumed_train_samples, dataloader_type=args.dataloader_type, seed=args.seed
+    )
+    return (
+        _data_iterator(train, args.dataloader_type == "cyclic"),
+        _data_iterator(loader(valid_ds, args.consumed_valid_samples), True),
+        _data_iterator(loader(test_ds, 0), True),
+    )
+
+
 def pretrain(
     train_valid_test_datasets_provider: DatasetsProvider,
     model_provider: ModelProvider,
@@ -281,65 +338,17 @@ def _pretrain(
     )
 
     model, optimizer, scheduler = setup_model_and_optimizer(model_provider, args, parallel)
-    iteration = 0
-    if args.load:
-        try:
-            iteration, ckpt_args = load_checkpoint(
-                model.module,
-                optimizer,
-                scheduler,
-                args.load,
-                parallel,
-                no_load_optim=args.no_load_optim,
-                no_load_rng=args.no_load_rng,
-                finetune=args.finetune,
-            )
-        except ValueError as e:  # the scheduler refuses settings that contradict the checkpoint's
-            raise CheckpointError(f"{args.load}: {e}") from None
-        metadata = read_metadata(args.load)
-        optimizer_restored = not (
-            args.finetune or args.no_load_optim or (metadata is not None and metadata[1])
-        )
-        if ckpt_args is not None and not optimizer_restored:
-            optimizer.reload_model_params()  # fp32 main weights from the loaded (bf16/fp16) model weights
-        if ckpt_args is not None and not args.finetune:
-            args.consumed_train_samples = getattr(ckpt_args, "consumed_train_samples", 0)
-            args.consumed_valid_samples = getattr(ckpt_args, "consumed_valid_samples", 0)
-        if ckpt_args is not None:
-            print_rank_0(f"> loaded checkpoint from {args.load} at iteration {iteration}")
-
+    iteration = load_for_training(model, optimizer, scheduler, args, parallel) if args.load else 0
     try:
-        train_ds, valid_ds, test_ds = datasets_provider(train_valid_test_num_samples(args), args)
+        datasets = datasets_provider(train_valid_test_num_samples(args), args)
     except (ValueError, OSError) as e:  # the data modules name the flag or file at fault
         raise TrainingError(f"data: {e}") from None
-    dp_rank, dp_size = parallel.dp_rank, parallel.dp_size
-    mbs = args.micro_batch_size
-    train_loader = (
-        build_data_loader(
-            train_ds,
-            args.consumed_train_samples,
-            mbs,
-            dp_rank,
-            dp_size,
-            args.num_workers,
-            args.dataloader_type,
-            args.seed,
-        )  # fmt: skip
-        if train_ds is not None
-        else None
-    )
-    valid_loader = (
-        build_data_loader(valid_ds, args.consumed_valid_samples, mbs, dp_rank, dp_size, args.num_workers)
-        if valid_ds is not None
-        else None
-    )
-    test_loader = build_data_loader(test_ds, 0, mbs, dp_rank, dp_size, args.num_workers) if test_ds else None
-    train_iter = _data_iterator(train_loader, args.dataloader_type == "cyclic")
-    valid_iter = _data_iterator(valid_loader, True)
-    test_iter = _data_iterator(test_loader, True)
+    train_iter, valid_iter, test_iter = build_data_iterators(datasets, args, parallel)
 
     writer = ScalarWriter(args, is_last_rank())
-    calculator = MicroBatchCalculator(args.global_batch_size, mbs, dp_size, args.rampup_batch_size)
+    calculator = MicroBatchCalculator(
+        args.global_batch_size, args.micro_batch_size, parallel.dp_size, args.rampup_batch_size
+    )
     summary: dict = {"iteration": iteration, "losses": [], "skipped_iterations": 0}
     if not args.skip_train:
         iteration = _train_loop(
@@ -348,7 +357,7 @@ def _pretrain(
         )  # fmt: skip
     summary["iteration"] = iteration
     summary["loss_scale"] = optimizer.loss_scale
-    full_batch = args.global_batch_size // (mbs * dp_size)
+    full_batch = args.global_batch_size // (args.micro_batch_size * parallel.dp_size)
     summary["valid"] = evaluate_and_print(
         f"validation loss at the end of training (iteration {iteration})",
         forward_step, valid_iter, model, full_batch, args, parallel, writer, iteration,
