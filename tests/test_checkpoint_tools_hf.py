@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoTokenizer,
     GPT2Config,
@@ -254,6 +254,22 @@ def test_hf_gpt2_imports_with_its_logits_at_any_tp(tmp_path, safe_serialization)
     assert torch.equal(torch.cat([s[word] for s in shards]), whole[word])
     qkv = "language_model.encoder.layers.0.self_attention.query_key_value.bias"
     assert torch.equal(torch.cat([s[qkv] for s in shards]), whole[qkv])
+
+
+def test_import_reads_hub_style_files(tmp_path):
+    """Hub GPT-2 files name tensors without `transformer.`, omit lm_head and may hold attn.bias mask buffers."""
+    hf_model = _hf_gpt2(vocab_size=250)
+    hf_model.save_pretrained(tmp_path / "hf")
+    hf_model.config.save_pretrained(tmp_path / "hub")
+    state = {name.removeprefix("transformer."): t for name, t in hf_model.state_dict().items()}
+    del state["lm_head.weight"]
+    state["h.0.attn.bias"] = torch.ones(1, 1, 16, 16).tril()
+    save_file(state, tmp_path / "hub" / "model.safetensors")
+    for name in ("hf", "hub"):
+        import_hf_gpt2.main(["--hf-dir", str(tmp_path / name), "--save", str(tmp_path / f"ckpt_{name}")])
+    from_hf, from_hub = (_flat_model(tmp_path / f"ckpt_{n}", 0, release=True) for n in ("hf", "hub"))
+    assert from_hf.keys() == from_hub.keys()
+    assert all(torch.equal(from_hf[name], from_hub[name]) for name in from_hf)
 
 
 def test_imported_gpt2_trains_with_checkpoint_args(tmp_path, gpt2_tokenizer_files):

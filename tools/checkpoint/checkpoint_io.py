@@ -34,6 +34,7 @@ from megatron.checkpoint_format import (
     get_checkpoint_name,
     get_checkpoint_tracker_filename,
     read_metadata,
+    shard_dir_name,
     to_megatron_state_dict,
     tracker_text,
 )
@@ -71,7 +72,7 @@ class LoadedCheckpoint:
         return args
 
     def shard_path(self, tp_rank: int) -> str:
-        return os.path.join(self.checkpoint_dir, f"mp_rank_{tp_rank:02d}", SHARD_FILENAME)
+        return os.path.join(self.checkpoint_dir, shard_dir_name(tp_rank), SHARD_FILENAME)
 
     def model_shards(self) -> list[dict[str, Tensor]]:
         """The model of each TP rank as a flat state dict (`language_model.encoder.layers.0....`)."""

@@ -35,6 +35,7 @@ import argparse
 
 import torch
 from torch import Tensor
+from transformers import MegatronBertConfig
 
 from tools.checkpoint.checkpoint_io import ToolError
 from tools.checkpoint.hf_common import check_exportable, hf_activation, per_head_to_blocks
@@ -76,10 +77,10 @@ def has_binary_head(model: dict[str, Tensor]) -> bool:
     return "binary_head.weight" in model
 
 
-def megatron_bert_config_from_args(saved_args: argparse.Namespace, dtype: torch.dtype, binary_head: bool):
+def megatron_bert_config_from_args(
+    saved_args: argparse.Namespace, dtype: torch.dtype, binary_head: bool
+) -> MegatronBertConfig:
     """The `transformers.MegatronBertConfig` of a BERT model with the saved `args`."""
-    from transformers import MegatronBertConfig
-
     check_exportable(saved_args, "Hugging Face MegatronBert")
     return MegatronBertConfig(
         vocab_size=saved_args.padded_vocab_size,

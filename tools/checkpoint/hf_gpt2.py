@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from transformers import GPT2Config
 
 from tools.checkpoint.checkpoint_io import ToolError
 from tools.checkpoint.hf_common import (
@@ -83,10 +84,8 @@ def _from_hf(kind: str, num_heads: int) -> Callable[[Tensor], Tensor]:
     }[kind]
 
 
-def gpt2_config_from_args(saved_args: argparse.Namespace, dtype: torch.dtype):
+def gpt2_config_from_args(saved_args: argparse.Namespace, dtype: torch.dtype) -> GPT2Config:
     """The `transformers.GPT2Config` of a GPT model with the saved `args` (ToolError if GPT-2 cannot hold it)."""
-    from transformers import GPT2Config
-
     check_exportable(saved_args, "Hugging Face GPT-2")
     eod = end_of_document_id(saved_args)
     return GPT2Config(

@@ -25,10 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
+from transformers import GPT2Config
 
 from megatron.arguments import build_parser
 from megatron.tokenizer import vocab_size_with_padding
@@ -72,10 +74,8 @@ def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def read_gpt2_config(hf_dir: str):
+def read_gpt2_config(hf_dir: str) -> GPT2Config:
     """GPT2Config from `<hf_dir>/config.json`; ToolError unless it is a GPT-2 our model can reproduce."""
-    from transformers import GPT2Config
-
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise ToolError(f"--hf-dir {hf_dir}: no config.json (not a Hugging Face model folder)")
@@ -99,8 +99,6 @@ def read_gpt2_config(hf_dir: str):
 
 def read_hf_weights(hf_dir: str) -> dict[str, Tensor]:
     """The state dict in model.safetensors, the shards of model.safetensors.index.json, or pytorch_model.bin."""
-    from safetensors.torch import load_file
-
     single = os.path.join(hf_dir, "model.safetensors")
     index = os.path.join(hf_dir, "model.safetensors.index.json")
     pickled = os.path.join(hf_dir, "pytorch_model.bin")
@@ -123,7 +121,9 @@ def read_hf_weights(hf_dir: str) -> dict[str, Tensor]:
     )
 
 
-def megatron_args(config: Any, tp: int, divisible_by: int, dtype: torch.dtype, vocab_dir: Optional[str]):
+def megatron_args(
+    config: GPT2Config, tp: int, divisible_by: int, dtype: torch.dtype, vocab_dir: Optional[str]
+) -> argparse.Namespace:
     """Our saved-args Namespace (every flag at its default, then the model's fields) for a GPT2Config."""
     args = build_parser().parse_args([])
     ffn = config.n_inner or 4 * config.n_embd
