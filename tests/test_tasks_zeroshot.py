@@ -233,7 +233,7 @@ def zeroshot_setup(tmp_path_factory) -> dict:
          "--data-path", str(tmp / "wiki_text_document"), "--split", "100,0,0", "--data-cache-path", str(tmp),
          "--save", str(tmp / "ckpt"), "--log-interval", "100", "--eval-iters", "0", "--seed", "7"]
     )  # fmt: skip
-    _reshard_to_tp2(tmp / "ckpt", tmp / "ckpt_tp2")
+    reshard_to_tp2(tmp / "ckpt", tmp / "ckpt_tp2")
 
     wikitext = tmp / "wiki.test.txt"
     wikitext.write_text("".join(WIKITEXT_TEST.read_text(encoding="utf-8").splitlines(keepends=True)[:40]))
@@ -247,8 +247,8 @@ def zeroshot_setup(tmp_path_factory) -> dict:
     return {"tmp": tmp, "wikitext": wikitext, "lambada": lambada, "cloze": easy, "vocab": 500}
 
 
-def _reshard_to_tp2(src: Path, dst: Path) -> None:
-    """Split a TP=1 checkpoint's model into two TP shards (the vocabulary padding, 512, fits both)."""
+def reshard_to_tp2(src: Path, dst: Path) -> None:
+    """Split a TP=1 checkpoint's model into two TP shards (its padded vocabulary must also be TP 2's)."""
     iteration = int((src / "latest_checkpointed_iteration.txt").read_text())
     name = f"iter_{iteration:07d}"
     state = torch.load(src / name / "mp_rank_00" / "model_optim_rng.pt", weights_only=False)
