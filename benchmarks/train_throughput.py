@@ -123,6 +123,14 @@ def _time(fn, iters: int, warmup: int, device: str) -> float:
     return (time.perf_counter() - start) / iters
 
 
+def gemm_tflops(dtype: torch.dtype, device: str, n: int = 2048, reps: int = 5) -> float:
+    """Achieved TFLOP/s of one n x n x n matrix product: the ceiling the training step can approach."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = _time(lambda: a @ b, reps, 2, device)
+    return 2 * n**3 / seconds / 1e12
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -150,6 +158,11 @@ def main() -> None:
         f"shape {args.preset}: layers {shape['num_layers']}, hidden {shape['hidden_size']}, heads "
         f"{shape['num_attention_heads']}, seq {s}, micro batch {b}, vocab {args.vocab_size}; device {args.device}, "
         f"threads {torch.get_num_threads()}; model FLOPs/iteration {flops:.3e}"
+    )
+    fp32_gemm, bf16_gemm = gemm_tflops(torch.float32, args.device), gemm_tflops(torch.bfloat16, args.device)
+    print(
+        f"GEMM 2048^3: fp32 {fp32_gemm:.3f} TFLOP/s, bf16 {bf16_gemm:.3f} TFLOP/s "
+        f"(bf16/fp32 = {bf16_gemm / fp32_gemm:.2f}x on this device)"
     )
     results = {}
     runs = []
