@@ -92,12 +92,13 @@ def reshard_optimizer(
         target_tp,
         padded_vocab_size,
     )
+    scaler = optimizer_shards[0].get("grad_scaler")  # fp16 only; the same on every TP rank
+    _check_same_across_ranks([shard.get("grad_scaler") for shard in optimizer_shards], "grad_scaler state")
     new_shards = []
     for tp_rank in range(target_tp):
         shard = {"optimizer": new_torch_states[tp_rank], "fp32_from_fp16_params": main_copies[tp_rank]}
-        if "grad_scaler" in optimizer_shards[0]:
-            _check_same_across_ranks([s.get("grad_scaler") for s in optimizer_shards], "grad_scaler state")
-            shard["grad_scaler"] = copy.deepcopy(optimizer_shards[0]["grad_scaler"])
+        if scaler is not None:
+            shard["grad_scaler"] = copy.deepcopy(scaler)
         new_shards.append(shard)
     return new_shards
 
