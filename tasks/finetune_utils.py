@@ -54,7 +54,8 @@ class FinetuneTask:
     """What a task gives `finetune`: how to read one data path and how to build its model."""
 
     name: str
-    build_dataset: Callable[[str], Dataset]  # a --train-data / --valid-data path -> dataset of sample dicts
+    # a --train-data / --valid-data path -> dataset of sample dicts, with a `name` (printed with its accuracy)
+    build_dataset: Callable[[str], Dataset]
     model_provider: ModelProvider
     sequences_per_sample: int = 1  # RACE: 4 (one sequence per choice), for the FLOP count in the log
 
@@ -84,7 +85,7 @@ def _loss_func(labels: Tensor, logits: Tensor) -> tuple[Tensor, dict[str, Tensor
 
 def forward_step(
     data_iterator: Iterator, model: nn.Module, args: argparse.Namespace, parallel: ParallelState
-):
+) -> tuple[Tensor, Callable[[Tensor], tuple[Tensor, dict[str, Tensor]]]]:
     """One micro batch: logits and the cross-entropy loss function (megatron.training's interface)."""
     batch = next(data_iterator)
     device = model_device(model)
@@ -157,13 +158,6 @@ def load_pretrained(model: nn.Module, checkpoint_dir: str, parallel: ParallelSta
         )
 
 
-def _check_schedule(args: argparse.Namespace) -> None:
-    if args.train_samples is not None or args.train_iters is not None:
-        raise TaskError("--train-iters/--train-samples do not apply to fine-tuning: its length is --epochs")
-    if args.lr_decay_samples is not None or args.lr_warmup_samples:
-        raise TaskError("fine-tuning counts in iterations: use --lr-decay-iters / --lr-warmup-iters")
-
-
 def _set_train_iters(args: argparse.Namespace, num_train_samples: int) -> int:
     """Set args.train_iters = epochs x iterations per epoch; return the iterations per epoch."""
     iters_per_epoch = num_train_samples // args.global_batch_size
@@ -212,7 +206,6 @@ def _report_accuracy(
 def finetune(args: argparse.Namespace, parallel: ParallelState, task: FinetuneTask) -> dict:
     """Fine-tune and/or evaluate (module docstring). Returns {"iteration", "losses": [per iteration],
     "accuracy": [{valid path: (correct, total)} per evaluation]} for scripts and tests."""
-    _check_schedule(args)
     valid_sets = [task.build_dataset(path) for path in args.valid_data or []]
     summary: dict = {"iteration": 0, "losses": [], "accuracy": []}
     if args.epochs == 0:
@@ -312,7 +305,7 @@ def _model_for_evaluation(args: argparse.Namespace, parallel: ParallelState, tas
     if args.load:
         if read_metadata(args.load) is None:
             raise CheckpointError(f"--load {args.load}: no latest_checkpointed_iteration.txt there")
-        load_checkpoint(model, None, None, args.load, parallel, no_load_rng=True, finetune=True)
+        load_checkpoint(model, None, None, args.load, parallel, no_load_optim=True, no_load_rng=True)
     else:
         load_pretrained(model, args.pretrained_checkpoint, parallel)
     return model

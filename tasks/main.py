@@ -33,7 +33,12 @@ if __package__ in (None, ""):  # run as a script (python tasks/main.py): make th
 from megatron.arguments import build_parser, parse_args  # noqa: E402
 from megatron.checkpointing import CheckpointError  # noqa: E402
 from megatron.initialize import initialize_megatron  # noqa: E402
-from megatron.tokenizer import TokenizerConfigError, build_tokenizer, vocab_size_with_padding  # noqa: E402
+from megatron.tokenizer import (  # noqa: E402
+    AbstractTokenizer,
+    TokenizerConfigError,
+    build_tokenizer,
+    vocab_size_with_padding,
+)
 from megatron.training import TrainingError  # noqa: E402
 from tasks.data_utils import TaskError  # noqa: E402
 
@@ -102,13 +107,17 @@ def check_task_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         fail(f"--task {task} --epochs {args.epochs} needs --train-data")
     if args.epochs > 0 and args.lr is None:
         fail("--lr is required to fine-tune")
+    if args.train_iters is not None or args.train_samples is not None:
+        fail("--train-iters/--train-samples do not apply to fine-tuning: its length is --epochs")
+    if args.lr_decay_samples is not None or args.lr_warmup_samples:
+        fail("fine-tuning counts iterations: use --lr-decay-iters/--lr-warmup-iters, not the -samples forms")
     if args.epochs == 0 and not args.valid_data:
         fail("--epochs 0 only evaluates: give --valid-data")
     if args.pretrained_checkpoint is not None and not os.path.isdir(args.pretrained_checkpoint):
         fail(f"--pretrained-checkpoint: no such directory: {args.pretrained_checkpoint}")
 
 
-def _check_bert_tokenizer(tokenizer, task: str) -> None:
+def _check_bert_tokenizer(tokenizer: AbstractTokenizer, task: str) -> None:
     try:
         _ = (tokenizer.cls, tokenizer.sep, tokenizer.pad)
     except NotImplementedError as e:

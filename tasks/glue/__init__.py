@@ -1,0 +1,1 @@
+"""GLUE sentence-pair classification (MNLI, QQP): BERT fine-tuning."""

@@ -20,6 +20,7 @@ from megatron.arguments import transformer_config_from_args
 from megatron.parallel.state import ParallelState
 from megatron.tokenizer import AbstractTokenizer
 from tasks.classification import Classification
+from tasks.eval_utils import print_rank_0
 from tasks.finetune_utils import FinetuneTask, finetune
 from tasks.glue.data import GLUE_TASKS, GlueDataset, GlueTask
 
@@ -31,9 +32,16 @@ def model_provider(glue: GlueTask, args: argparse.Namespace, parallel: ParallelS
 def main(args: argparse.Namespace, parallel: ParallelState, tokenizer: AbstractTokenizer) -> dict:
     """Fine-tune/evaluate --task MNLI or QQP."""
     glue = GLUE_TASKS[args.task]
+
+    def build_dataset(path: str) -> GlueDataset:
+        dataset = GlueDataset(path, glue, tokenizer, args.seq_length)
+        if dataset.num_skipped:
+            print_rank_0(parallel, f"> {path}: skipped {dataset.num_skipped} rows with an empty text")
+        return dataset
+
     task = FinetuneTask(
         name=glue.name,
-        build_dataset=lambda path: GlueDataset(path, glue, tokenizer, args.seq_length),
+        build_dataset=build_dataset,
         model_provider=partial(model_provider, glue),
     )
     return finetune(args, parallel, task)

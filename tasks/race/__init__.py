@@ -1,0 +1,1 @@
+"""RACE reading comprehension: BERT multiple-choice fine-tuning."""

@@ -77,18 +77,14 @@ def batch_num_correct(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 def build_model(args: argparse.Namespace, parallel: ParallelState) -> GPTModel:
-    """The GPT model of the flags with the weights of --load (required), in eval mode."""
-    if not args.load:
-        raise CheckpointError(f"--task {args.task} evaluates a trained model: give --load CHECKPOINT_DIR")
+    """The GPT model of the flags with the weights of --load (required by tasks/main.py), in eval mode."""
     if read_metadata(args.load) is None:
         raise CheckpointError(f"--load {args.load}: no checkpoint there (latest_checkpointed_iteration.txt)")
     model = GPTModel(transformer_config_from_args(args), parallel, parallel_output=False)
     model = model.to(dtype=args.params_dtype)
     if torch.cuda.is_available():
         model = model.cuda()
-    load_checkpoint(
-        model, None, None, args.load, parallel, no_load_optim=True, no_load_rng=True, finetune=True
-    )
+    load_checkpoint(model, None, None, args.load, parallel, no_load_optim=True, no_load_rng=True)
     return model.eval()
 
 
