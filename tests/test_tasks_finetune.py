@@ -24,7 +24,7 @@ from tasks.classification import Classification, MultipleChoice
 from tasks.data_utils import TaskError, build_pair_input, clean_text, shard_range
 from tasks.finetune_utils import evaluate_accuracy, load_pretrained
 from tasks.glue.data import MNLI, QQP, GlueDataset, read_glue_tsv
-from tasks.race.data import RaceDataset, question_with_option, read_passage
+from tasks.race.data import RaceDataset, question_with_option, race_files, read_passage
 from tests.distributed_utils import run_distributed
 from tests.test_tasks_zeroshot import reshard_to_tp2
 
@@ -164,6 +164,19 @@ def test_race_sample_by_hand(files, tmp_path):
     assert sample["padding_mask"][2].tolist() == [1] * 10 + [0] * 2
 
 
+def test_race_files_are_found_in_subdirectories(tmp_path):
+    for name in ("train/high/2.txt", "train/high/10.txt", "train/middle/1.json", "train/notes.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    high, middle = tmp_path / "train" / "high", tmp_path / "train" / "middle"
+    expected = [str(high / "10.txt"), str(high / "2.txt"), str(middle / "1.json")]
+    assert race_files(str(tmp_path / "train")) == expected
+    assert race_files(str(high / "2.txt")) == [str(high / "2.txt")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TaskError, match="no .txt or .json passage files"):
+        race_files(str(tmp_path / "empty"))
+
+
 def test_glue_readers(files):
     rows, skipped = read_glue_tsv(str(files["tmp"] / "mnli_dev.tsv"), MNLI)
     assert len(rows) == 21 and skipped == 0
@@ -228,6 +241,11 @@ def test_malformed_file_is_a_clean_cli_error(files, tmp_path, capsys):
         tasks_main.main(["--task", "RACE", "--train-data", str(tmp_path), "--lr", "1e-3", *MODEL, *files["tok"],
                          "--micro-batch-size", "4"])  # fmt: skip
     assert info.value.code == 2 and "--task RACE needs --epochs N" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        tasks_main.main(
+            _finetune_argv(files, "MNLI", "mnli_train.tsv", "mnli_dev.tsv", 1, "--train-iters", "3")
+        )
+    assert info.value.code == 2 and "--train-iters/--train-samples do not apply" in capsys.readouterr().err
 
 
 # --- accuracy and pretrained weights ---------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """RACE reading comprehension as 4-way multiple choice for BERT.
 
 Data layout (the RACE release): a directory such as RACE/train/middle holding one file per passage
-(`*.txt`, or `*.json`), each a JSON object
+(`*.txt`, or `*.json`; subdirectories are searched too, so RACE/train takes high and middle), each a
+JSON object
 
     {"article": "passage ...", "questions": ["q1", ...], "options": [["o1", "o2", "o3", "o4"], ...],
      "answers": ["B", ...], "id": "..."}
@@ -36,18 +37,19 @@ ANSWER_LETTERS = "ABCD"
 
 
 def race_files(path: str) -> list[str]:
-    """The passage files of a RACE directory (`*.txt` and `*.json`, sorted), or [path] for a file."""
+    """The passage files under a RACE directory (`*.txt` and `*.json`, recursively, sorted), or [path]."""
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
         raise TaskError(f"RACE data {path}: no such file or directory")
     files = sorted(
-        os.path.join(path, name)
-        for name in os.listdir(path)
-        if name.endswith((".txt", ".json")) and os.path.isfile(os.path.join(path, name))
+        os.path.join(folder, name)
+        for folder, _, names in os.walk(path)
+        for name in names
+        if name.endswith((".txt", ".json"))
     )
     if not files:
-        raise TaskError(f"RACE data {path}: the directory has no .txt or .json passage files")
+        raise TaskError(f"RACE data {path}: no .txt or .json passage files in the directory")
     return files
 
 
