@@ -39,7 +39,10 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from megatron.checkpointing import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from megatron.data.samplers import build_data_loader
+from megatron.distributed import DistributedDataParallel
+from megatron.lr_scheduler import OptimizerParamScheduler
 from megatron.model.utils import hardware_flops
+from megatron.optimizer import MegatronOptimizer
 from megatron.parallel.state import ParallelState
 from megatron.training import TrainingError, setup_model_and_optimizer, train_step
 from megatron.training_log import format_train_line
@@ -231,6 +234,25 @@ def finetune(args: argparse.Namespace, parallel: ParallelState, task: FinetuneTa
         load_pretrained(model.module, args.pretrained_checkpoint, parallel)
         optimizer.reload_model_params()  # the fp32 main copies of a bf16/fp16 model follow the new weights
     summary["iteration"] = iteration
+    _train(model, optimizer, scheduler, train_set, valid_sets, iteration, iters_per_epoch, args, parallel, task,
+           summary)  # fmt: skip
+    return summary
+
+
+def _train(
+    model: DistributedDataParallel,
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler,
+    train_set: Dataset,
+    valid_sets: list[Dataset],
+    iteration: int,
+    iters_per_epoch: int,
+    args: argparse.Namespace,
+    parallel: ParallelState,
+    task: FinetuneTask,
+    summary: dict,
+) -> None:
+    """Iterations `iteration` .. --train-iters (module docstring, items 4 and 5); fills `summary`."""
 
     def save(it: int) -> None:
         if args.save:
@@ -239,10 +261,8 @@ def finetune(args: argparse.Namespace, parallel: ParallelState, task: FinetuneTa
 
     data = train_batches(train_set, args, parallel, iteration)
     num_micro_batches = args.global_batch_size // (args.micro_batch_size * parallel.dp_size)
-    sequences = args.global_batch_size * task.sequences_per_sample
-    flops = hardware_flops(
-        sequences, args.seq_length, args.num_layers, args.hidden_size, 0, args.recompute_granularity
-    )
+    flops = hardware_flops(args.global_batch_size * task.sequences_per_sample, args.seq_length, args.num_layers,
+                           args.hidden_size, 0, args.recompute_granularity)  # fmt: skip
     model.train()
     interval_start, interval_iters = time.time(), 0
     consecutive_bad = skipped = nans = 0
@@ -255,44 +275,32 @@ def finetune(args: argparse.Namespace, parallel: ParallelState, task: FinetuneTa
         summary["losses"].append(losses)
         if update_successful:
             scheduler.step(increment=args.global_batch_size)
-        skipped += 0 if update_successful else 1
         loss_is_bad = not all(math.isfinite(v) for v in losses.values())
+        skipped += int(not update_successful)
         nans += int(loss_is_bad)
-        bad = loss_is_bad or not (update_successful or args.fp16)
-        consecutive_bad = consecutive_bad + 1 if bad else 0
+        consecutive_bad = consecutive_bad + 1 if loss_is_bad or not (update_successful or args.fp16) else 0
         if consecutive_bad >= args.max_nan_iterations:
             raise TrainingError(
                 f"{consecutive_bad} consecutive iterations up to {iteration} had NaN/inf losses"
             )
+
         interval_iters += 1
         if iteration % args.log_interval == 0:
-            elapsed = (time.time() - interval_start) / interval_iters
-            print_rank_0(
-                parallel,
-                format_train_line(
-                    iteration,
-                    args.train_iters,
-                    iteration * args.global_batch_size,
-                    elapsed * 1000.0,
-                    flops / elapsed / args.world_size / 1e12,
-                    scheduler.get_lr(),
-                    args.global_batch_size,
-                    losses,
-                    optimizer.loss_scale,
-                    grad_norm,
-                    skipped,
-                    nans,
-                ),  # fmt: skip
-            )
+            seconds = (time.time() - interval_start) / interval_iters
+            line = format_train_line(
+                iteration, args.train_iters, iteration * args.global_batch_size, seconds * 1000.0,
+                flops / seconds / args.world_size / 1e12, scheduler.get_lr(), args.global_batch_size, losses,
+                optimizer.loss_scale, grad_norm, skipped, nans,
+            )  # fmt: skip
+            print_rank_0(parallel, line)
             interval_start, interval_iters = time.time(), 0
-        epoch_done = iteration % iters_per_epoch == 0
-        if args.save_interval and iteration % args.save_interval == 0 and not epoch_done:
-            save(iteration)
-        if epoch_done:
+
+        if iteration % iters_per_epoch == 0:
             epoch = iteration // iters_per_epoch
             summary["accuracy"].append(_report_accuracy(model, valid_sets, args, parallel, epoch))
             save(iteration)
-    return summary
+        elif args.save_interval and iteration % args.save_interval == 0:
+            save(iteration)
 
 
 def _model_for_evaluation(args: argparse.Namespace, parallel: ParallelState, task: FinetuneTask) -> nn.Module:
