@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from megatron.model.config import TransformerConfig
 from megatron.model.language_model import TransformerLanguageModel, parallel_lm_logits
+from megatron.model.transformer import InferenceParams
 from megatron.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron.parallel.state import ParallelState
 
@@ -36,6 +37,7 @@ class GPTModel(nn.Module):
         position_ids: Tensor,
         attention_mask: Optional[Tensor] = None,
         labels: Optional[Tensor] = None,
+        inference_params: Optional[InferenceParams] = None,
     ) -> Tensor:
         """Logits, or the per-token loss when `labels` are given.
 
@@ -46,6 +48,10 @@ class GPTModel(nn.Module):
         Returns logits [batch, seq, V/p] (this rank's vocabulary slice; the full [batch, seq, V] when built
         with parallel_output=False) when labels is None, else the fp32 cross-entropy loss [batch, seq] per
         token, computed vocab-parallel (averaging over the loss mask is the caller's job).
+
+        inference_params: the KV cache of incremental decoding (megatron.model.transformer.InferenceParams).
+        input_ids are then only the new tokens, position_ids their positions (offset .. offset + seq - 1,
+        offset = inference_params.sequence_len_offset), and a given attention_mask covers [seq, offset + seq].
         """
         allowed = None
         if attention_mask is not None:
@@ -54,7 +60,7 @@ class GPTModel(nn.Module):
                     f"attention_mask must be a bool tensor (True = masked), got {attention_mask.dtype}"
                 )
             allowed = ~attention_mask
-        hidden, _ = self.language_model(input_ids, position_ids, allowed)
+        hidden, _ = self.language_model(input_ids, position_ids, allowed, inference_params=inference_params)
         weight = self.language_model.embedding.word_embeddings.weight
         if labels is None:
             return parallel_lm_logits(hidden, weight, self.parallel, self.parallel_output)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatron.model.config import TransformerConfig
-from megatron.model.transformer import LayerNorm, ParallelTransformer, check_config
+from megatron.model.transformer import InferenceParams, LayerNorm, ParallelTransformer, check_config
 from megatron.model.utils import init_normal_
 from megatron.parallel.layers import VocabParallelEmbedding
 from megatron.parallel.mappings import (
@@ -137,12 +137,15 @@ class TransformerLanguageModel(nn.Module):
         position_ids: Optional[Tensor],
         allowed: Optional[Tensor],
         tokentype_ids: Optional[Tensor] = None,
+        inference_params: Optional[InferenceParams] = None,
     ) -> tuple[Tensor, Optional[Tensor]]:
         """-> (hidden [batch, seq, h] after the final layernorm, pooled [batch, h] or None).
 
         `allowed`: None or a boolean mask broadcastable to [batch, heads, seq, seq], True where a query may
-        attend to a key (see megatron.model.transformer).
+        attend to a key (see megatron.model.transformer). `inference_params`: the KV cache of incremental
+        decoding; the input_ids are then the new tokens, at the positions given by position_ids.
         """
-        hidden = self.encoder(self.embedding(input_ids, position_ids, tokentype_ids), allowed)
+        embeddings = self.embedding(input_ids, position_ids, tokentype_ids)
+        hidden = self.encoder(embeddings, allowed, inference_params)
         pooled = self.pooler(hidden) if self.pooler is not None else None
         return hidden, pooled

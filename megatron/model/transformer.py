@@ -22,10 +22,17 @@ stream); attention dropout acts on this rank's heads only, so it draws from the 
 Attention masks are passed as `allowed`: None, or a boolean tensor broadcastable to [batch, heads, seq, seq]
 that is True where a query may attend to a key (torch's scaled_dot_product_attention convention). Causality
 is a property of the module (GPT: causal, BERT: not) and is applied on top of `allowed`.
+
+Incremental decoding (text generation) passes an `InferenceParams`, the KV cache: each layer appends the
+keys and values of the new tokens to its cache and attends with the new queries over all cached positions,
+so generating token t costs one forward of one token instead of a forward of all t tokens. The new tokens
+are the last positions: with `offset` tokens cached and `s` new ones, query i sits at position offset + i
+and key j at position j (j < offset + s); causality and ALiBi use these positions.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -69,6 +76,49 @@ def check_config(config: TransformerConfig, parallel: ParallelState) -> None:
         )
 
 
+@dataclass
+class InferenceParams:
+    """The KV cache of incremental decoding (Megatron-LM's InferenceParams).
+
+    Layer n keeps `key_value_memory_dict[n]` = (keys, values), each [max_batch_size, local_heads,
+    max_sequence_length, head_dim], allocated on first use in the dtype and device of the keys.
+    `sequence_len_offset` is the number of positions already cached. A forward pass given this object
+    processes s new tokens at positions sequence_len_offset .. sequence_len_offset + s - 1 (the caller passes
+    those position ids), writes their keys and values there in every layer, and then advances
+    `sequence_len_offset` by s. Inference only: nothing here is differentiated.
+    """
+
+    max_batch_size: int
+    max_sequence_length: int
+    sequence_len_offset: int = 0
+    key_value_memory_dict: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def append(self, layer_number: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Store key, value [batch, local_heads, s, head_dim] of layer `layer_number` at the positions
+        offset .. offset + s - 1; return the layer's keys and values of positions 0 .. offset + s - 1."""
+        batch, heads, seq, head_dim = key.shape
+        end = self.sequence_len_offset + seq
+        if end > self.max_sequence_length:
+            raise ValueError(
+                f"KV cache holds {self.max_sequence_length} positions; {self.sequence_len_offset} cached + "
+                f"{seq} new tokens do not fit"
+            )
+        if batch > self.max_batch_size:
+            raise ValueError(
+                f"batch of {batch} is larger than the KV cache's max_batch_size {self.max_batch_size}"
+            )
+        if layer_number not in self.key_value_memory_dict:
+            shape = (self.max_batch_size, heads, self.max_sequence_length, head_dim)
+            self.key_value_memory_dict[layer_number] = (
+                torch.empty(shape, dtype=key.dtype, device=key.device),
+                torch.empty(shape, dtype=value.dtype, device=value.device),
+            )
+        keys, values = self.key_value_memory_dict[layer_number]
+        keys[:batch, :, self.sequence_len_offset : end] = key
+        values[:batch, :, self.sequence_len_offset : end] = value
+        return keys[:batch, :, :end], values[:batch, :, :end]
+
+
 class LayerNorm(nn.LayerNorm):
     """LayerNorm y = (x - mean) / sqrt(var + eps) * weight + bias over the last dimension, computed in fp32
     and returned in the dtype of the weight, so an fp32 residual stream can feed bf16/fp16 layers."""
@@ -100,25 +150,33 @@ class CoreAttention(nn.Module):
         else:
             self.alibi_slopes = None
 
-    def _sdpa_mask(self, q: Tensor, allowed: Optional[Tensor]) -> tuple[Optional[Tensor], bool]:
+    def _sdpa_mask(self, q: Tensor, k: Tensor, allowed: Optional[Tensor]) -> tuple[Optional[Tensor], bool]:
         """(attn_mask, is_causal) for scaled_dot_product_attention: a boolean mask (True = attend), an
-        additive float bias (ALiBi, -inf where not allowed), or None with is_causal for plain causal."""
+        additive float bias (ALiBi, -inf where not allowed), or None with is_causal for plain causal.
+
+        The sq queries are the last sq of the sk key positions (sq < sk when earlier keys come from a KV
+        cache): query i is at position sk - sq + i."""
+        sq, sk = q.size(2), k.size(2)
         if self.causal and allowed is None and self.alibi_slopes is None:
-            return None, True
-        seq = q.size(2)
+            if sq == sk:
+                return None, True
+            if sq == 1:  # one new token sees every cached position
+                return None, False
+        query_positions = torch.arange(sk - sq, sk, device=q.device)
+        key_positions = torch.arange(sk, device=q.device)
         if self.causal:
-            past = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+            past = key_positions[None, :] <= query_positions[:, None]  # [sq, sk]
             allowed = past if allowed is None else allowed & past
         if self.alibi_slopes is None:
             return allowed, False
-        positions = torch.arange(seq, device=q.device)
-        distance = (positions[:, None] - positions[None, :]).abs().to(torch.float32)
-        bias = (-self.alibi_slopes[:, None, None] * distance).to(q.dtype)  # [local_heads, seq, seq]
+        distance = (query_positions[:, None] - key_positions[None, :]).abs().to(torch.float32)
+        bias = (-self.alibi_slopes[:, None, None] * distance).to(q.dtype)  # [local_heads, sq, sk]
         return (bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))), False
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor]) -> Tensor:
-        """q, k, v: [batch, local_heads, seq, head_dim] -> context [batch, local_heads, seq, head_dim]."""
-        mask, is_causal = self._sdpa_mask(q, allowed)
+        """q: [batch, local_heads, sq, head_dim], k, v: [batch, local_heads, sk, head_dim] with sk >= sq
+        (the queries are the last sq key positions) -> context [batch, local_heads, sq, head_dim]."""
+        mask, is_causal = self._sdpa_mask(q, k, allowed)
         if not (self.training and self.dropout_p > 0):  # no randomness: no RNG state needed (inference)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         with get_rng_tracker().fork():
@@ -130,8 +188,11 @@ class CoreAttention(nn.Module):
 class ParallelAttention(nn.Module):
     """Self-attention: QKV column-parallel (whole heads per rank), core attention, output row-parallel."""
 
-    def __init__(self, config: TransformerConfig, parallel: ParallelState, causal: bool) -> None:
+    def __init__(
+        self, config: TransformerConfig, parallel: ParallelState, causal: bool, layer_number: int = 0
+    ) -> None:
         super().__init__()
+        self.layer_number = layer_number  # this layer's entry in a KV cache
         self.local_heads = config.num_attention_heads // parallel.tp_size
         self.head_dim = config.kv_channels
         projection_size = config.num_attention_heads * config.kv_channels
@@ -154,12 +215,19 @@ class ParallelAttention(nn.Module):
             params_dtype=config.params_dtype,
         )
 
-    def forward(self, x: Tensor, allowed: Optional[Tensor]) -> Tensor:
-        """x: [batch, seq, hidden] (the same on every TP rank) -> [batch, seq, hidden] (summed over ranks)."""
+    def forward(
+        self, x: Tensor, allowed: Optional[Tensor], inference_params: Optional[InferenceParams] = None
+    ) -> Tensor:
+        """x: [batch, seq, hidden] (the same on every TP rank) -> [batch, seq, hidden] (summed over ranks).
+
+        With `inference_params` the keys and values of x join the cache and the queries of x attend over
+        every cached position."""
         batch, seq, _ = x.shape
         qkv, _ = self.query_key_value(x)  # [batch, seq, local_heads * 3 * head_dim]
         qkv = qkv.view(batch, seq, self.local_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
         q, k, v = qkv.unbind(0)  # each [batch, local_heads, seq, head_dim]
+        if inference_params is not None:
+            k, v = inference_params.append(self.layer_number, k, v)  # [batch, local_heads, cached, head_dim]
         if self.selective_recompute and torch.is_grad_enabled():
             context = checkpoint(self.core_attention, q, k, v, allowed)
         else:
@@ -209,7 +277,9 @@ class ParallelTransformerLayer(nn.Module):
     Megatron-LM implements it. With `fp32_residual_connection` the residual sums are kept in fp32.
     """
 
-    def __init__(self, config: TransformerConfig, parallel: ParallelState, causal: bool) -> None:
+    def __init__(
+        self, config: TransformerConfig, parallel: ParallelState, causal: bool, layer_number: int = 0
+    ) -> None:
         super().__init__()
         self.hidden_dropout = config.hidden_dropout
         self.residual_from_layernorm = config.apply_residual_connection_post_layernorm
@@ -217,7 +287,7 @@ class ParallelTransformerLayer(nn.Module):
         self.input_layernorm = LayerNorm(
             config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype
         )
-        self.self_attention = ParallelAttention(config, parallel, causal)
+        self.self_attention = ParallelAttention(config, parallel, causal, layer_number)
         self.post_attention_layernorm = LayerNorm(
             config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype
         )
@@ -229,11 +299,14 @@ class ParallelTransformerLayer(nn.Module):
             residual = residual.float()
         return residual + F.dropout(branch, p=self.hidden_dropout, training=self.training)
 
-    def forward(self, x: Tensor, allowed: Optional[Tensor]) -> Tensor:
+    def forward(
+        self, x: Tensor, allowed: Optional[Tensor], inference_params: Optional[InferenceParams] = None
+    ) -> Tensor:
         """x: [batch, seq, hidden] -> [batch, seq, hidden]."""
         normed = self.input_layernorm(x)
         x = self._residual_add(
-            normed if self.residual_from_layernorm else x, self.self_attention(normed, allowed)
+            normed if self.residual_from_layernorm else x,
+            self.self_attention(normed, allowed, inference_params),
         )
         normed = self.post_attention_layernorm(x)
         return self._residual_add(normed if self.residual_from_layernorm else x, self.mlp(normed))
@@ -252,17 +325,27 @@ class ParallelTransformer(nn.Module):
         super().__init__()
         self.full_recompute = config.recompute_granularity == "full"
         self.layers = nn.ModuleList(
-            ParallelTransformerLayer(config, parallel, causal) for _ in range(config.num_layers)
+            ParallelTransformerLayer(config, parallel, causal, layer_number=n)
+            for n in range(config.num_layers)
         )
         self.final_layernorm = LayerNorm(
             config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype
         )
 
-    def forward(self, x: Tensor, allowed: Optional[Tensor]) -> Tensor:
-        """x: [batch, seq, hidden] (embeddings) -> [batch, seq, hidden] (after the final layernorm)."""
+    def forward(
+        self, x: Tensor, allowed: Optional[Tensor], inference_params: Optional[InferenceParams] = None
+    ) -> Tensor:
+        """x: [batch, seq, hidden] (embeddings) -> [batch, seq, hidden] (after the final layernorm).
+
+        With `inference_params` (the KV cache) every layer appends the keys and values of the seq new
+        tokens, and the cache's sequence_len_offset then advances by seq."""
         for layer in self.layers:
-            if self.full_recompute and torch.is_grad_enabled():
+            if inference_params is not None:
+                x = layer(x, allowed, inference_params)
+            elif self.full_recompute and torch.is_grad_enabled():
                 x = checkpoint(layer, x, allowed)
             else:
                 x = layer(x, allowed)
+        if inference_params is not None:
+            inference_params.sequence_len_offset += x.size(1)
         return self.final_layernorm(x)
