@@ -85,3 +85,23 @@ class AbstractTokenizer(ABC):
     @property
     def eos(self) -> int:
         raise self._missing("EOS")
+
+
+class DictVocabTokenizer(AbstractTokenizer):
+    """A tokenizer whose vocabulary is held as two dicts, `self._vocab` (token -> id) and `self._inv_vocab`
+    (id -> token), set by the subclass's constructor; the vocabulary size is the number of tokens."""
+
+    _vocab: dict[str, int]
+    _inv_vocab: dict[int, str]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab)
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self._vocab
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        return self._inv_vocab

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from .base import AbstractTokenizer, TokenizerConfigError, require_file
+from .base import DictVocabTokenizer, TokenizerConfigError, require_file
 
 REQUIRED_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MAX_INPUT_CHARS_PER_WORD = 200
@@ -38,7 +38,7 @@ def read_vocab_txt(vocab_file: str) -> dict[str, int]:
     return vocab
 
 
-class BertWordPieceTokenizer(AbstractTokenizer):
+class BertWordPieceTokenizer(DictVocabTokenizer):
     """BERT WordPiece; `lower_case` selects BertWordPieceLowerCase (True) or BertWordPieceCase (False)."""
 
     def __init__(self, vocab_file: str | None, lower_case: bool = True, vocab_extra_ids: int = 0) -> None:
@@ -73,18 +73,6 @@ class BertWordPieceTokenizer(AbstractTokenizer):
             new_id = len(self._vocab)
             self._vocab[token] = new_id
             self._inv_vocab[new_id] = token
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._vocab)
-
-    @property
-    def vocab(self) -> dict[str, int]:
-        return self._vocab
-
-    @property
-    def inv_vocab(self) -> dict[int, str]:
-        return self._inv_vocab
 
     def tokenize(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids

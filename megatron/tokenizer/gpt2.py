@@ -26,14 +26,14 @@ from __future__ import annotations
 import regex
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from .base import AbstractTokenizer, TokenizerConfigError, require_file
+from .base import DictVocabTokenizer, TokenizerConfigError, require_file
 
 EOD_TOKEN = "<|endoftext|>"
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 CACHE_SIZE = 1 << 18
 
 
-class GPT2BPETokenizer(AbstractTokenizer):
+class GPT2BPETokenizer(DictVocabTokenizer):
     """GPT-2 byte-level BPE from a vocab.json + merges.txt pair."""
 
     name = "GPT2BPETokenizer"
@@ -57,18 +57,6 @@ class GPT2BPETokenizer(AbstractTokenizer):
         self._eod = self._vocab[EOD_TOKEN]
         self._split = regex.compile(GPT2_SPLIT_PATTERN)
         self._cache: dict[str, list[int]] = {}
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._vocab)
-
-    @property
-    def vocab(self) -> dict[str, int]:
-        return self._vocab
-
-    @property
-    def inv_vocab(self) -> dict[int, str]:
-        return self._inv_vocab
 
     def tokenize(self, text: str) -> list[int]:
         ids: list[int] = []

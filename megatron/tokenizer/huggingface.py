@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from tokenizers import Tokenizer
 
-from .base import AbstractTokenizer, TokenizerConfigError
+from .base import DictVocabTokenizer, TokenizerConfigError
 
 TOKENIZER_FILE = "tokenizer.json"
 SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # later files override earlier ones
@@ -55,7 +55,7 @@ def read_special_tokens(folder: str) -> dict[str, str]:
     return tokens
 
 
-class HuggingFaceTokenizer(AbstractTokenizer):
+class HuggingFaceTokenizer(DictVocabTokenizer):
     """Any tokenizer saved as tokenizer.json by the `tokenizers`/transformers libraries."""
 
     name = "HuggingFaceTokenizer"
@@ -86,14 +86,6 @@ class HuggingFaceTokenizer(AbstractTokenizer):
     @property
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def vocab(self) -> dict[str, int]:
-        return self._vocab
-
-    @property
-    def inv_vocab(self) -> dict[int, str]:
-        return self._inv_vocab
 
     def tokenize(self, text: str) -> list[int]:
         return self._tokenizer.encode(text).ids

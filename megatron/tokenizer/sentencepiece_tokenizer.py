@@ -17,10 +17,10 @@ import re
 
 import sentencepiece
 
-from .base import AbstractTokenizer, TokenizerConfigError, require_file
+from .base import DictVocabTokenizer, TokenizerConfigError, require_file
 
 
-class SentencePieceTokenizer(AbstractTokenizer):
+class SentencePieceTokenizer(DictVocabTokenizer):
     """SentencePiece model plus Megatron's special tokens."""
 
     name = "SentencePieceTokenizer"
@@ -63,18 +63,6 @@ class SentencePieceTokenizer(AbstractTokenizer):
             self._inv_vocab[new_id] = token
         self._special[token] = self._vocab[token]
         return self._vocab[token]
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self._vocab)
-
-    @property
-    def vocab(self) -> dict[str, int]:
-        return self._vocab
-
-    @property
-    def inv_vocab(self) -> dict[int, str]:
-        return self._inv_vocab
 
     def tokenize(self, text: str) -> list[int]:
         ids: list[int] = []
