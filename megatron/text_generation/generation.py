@@ -84,6 +84,9 @@ def check_request(
     vocab_size: int,
     sampling: SamplingParams,
 ) -> None:
+    """Raise GenerationError when the request cannot be served: no prompts, an empty prompt, a token id
+    outside [0, vocab_size), more than `max_sequence_length` positions (longest prompt + new tokens; None
+    means unlimited), or top_k larger than the vocabulary. Needs no model and does no communication."""
     if not prompts_tokens:
         raise GenerationError("no prompts given")
     if max_new_tokens < 0:
@@ -107,7 +110,8 @@ def check_request(
 
 
 def _vocab_logits(logits: Tensor, vocab_size: int) -> Tensor:
-    """fp32 logits with the padding entries (ids >= vocab_size, never produced by the tokenizer) at -inf."""
+    """fp32 logits with the padding entries (ids >= vocab_size, never produced by the tokenizer) at -inf
+    (in place when the logits are already fp32)."""
     logits = logits.float()
     if logits.size(-1) > vocab_size:
         logits[..., vocab_size:] = float("-inf")
