@@ -44,7 +44,7 @@ from megatron.model.utils import hardware_flops
 from megatron.optimizer import MegatronOptimizer, OptimizerConfig, build_optimizer
 from megatron.parallel.state import ParallelState
 from megatron.tokenizer import build_tokenizer, vocab_size_with_padding
-from megatron.training_log import ScalarWriter, format_eval_block, format_train_line
+from megatron.training_log import IntervalLogger, ScalarWriter, format_eval_block
 
 DatasetsProvider = Callable[[list, argparse.Namespace], tuple]
 ModelProvider = Callable[[argparse.Namespace, ParallelState], nn.Module]
@@ -394,12 +394,8 @@ def _train_loop(
             save_checkpoint(it, model.module, optimizer, scheduler, args, parallel, args.save)
 
     model.train()
-    skipped_total = nans_total = consecutive_bad = 0
-    interval_losses: dict[str, float] = {}
-    interval_count = 0
-    interval_start = time.time()
-    interval_flops = 0.0
-    tty = sys.stdout.isatty()
+    logger = IntervalLogger(args, train_iters, writer, print_rank_0)
+    consecutive_bad = 0
     while iteration < train_iters:
         calculator.update(args.consumed_train_samples)
         num_micro = calculator.num_micro_batches
@@ -411,11 +407,19 @@ def _train_loop(
         args.consumed_train_samples += global_batch
         if update_successful:
             scheduler.step(increment=global_batch)
-        loss_is_bad = any(not math.isfinite(v) for v in losses.values())
-        skipped_total += 0 if update_successful else 1
-        summary["skipped_iterations"] = skipped_total
-        nans_total += 1 if loss_is_bad else 0
-        bad = loss_is_bad or (not update_successful and not args.fp16)
+        summary["losses"].append(losses)
+        flops = hardware_flops(
+            global_batch, args.seq_length, args.num_layers, args.hidden_size, args.padded_vocab_size,
+            args.recompute_granularity,
+        )  # fmt: skip
+        logger.record(
+            iteration, losses, update_successful, grad_norm, global_batch, scheduler.get_lr(),
+            optimizer.loss_scale, flops,
+        )  # fmt: skip
+        summary["skipped_iterations"] = logger.skipped
+
+        # fp16 skips steps on overflow by design; otherwise a skipped step means NaN/inf gradients.
+        bad = any(not math.isfinite(v) for v in losses.values()) or (not update_successful and not args.fp16)
         consecutive_bad = consecutive_bad + 1 if bad else 0
         if consecutive_bad >= args.max_nan_iterations:
             raise TrainingError(
@@ -423,62 +427,6 @@ def _train_loop(
                 "stopping without saving. The last checkpoint in --save is intact: lower --lr, check the data, "
                 "or raise --max-nan-iterations."
             )
-        for name, value in losses.items():
-            if math.isfinite(value):
-                interval_losses[name] = interval_losses.get(name, 0.0) + value
-        interval_count += 1
-        interval_flops += hardware_flops(
-            global_batch,
-            args.seq_length,
-            args.num_layers,
-            args.hidden_size,
-            args.padded_vocab_size,
-            args.recompute_granularity,
-        )
-        summary["losses"].append(losses)
-
-        lr = scheduler.get_lr()
-        scalars = {f"{k}": v for k, v in losses.items()}
-        scalars.update({"learning-rate": lr, "loss-scale": optimizer.loss_scale, "batch-size": global_batch})
-        if grad_norm is not None:
-            scalars["grad-norm"] = grad_norm
-        if iteration % args.tensorboard_log_interval == 0:
-            writer.add_scalars(scalars, iteration)
-
-        if iteration % args.log_interval == 0:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            elapsed = time.time() - interval_start
-            per_iter = elapsed / interval_count
-            tflops = interval_flops / elapsed / args.world_size / 1e12
-            avg = {k: v / interval_count for k, v in interval_losses.items()}
-            print_rank_0(
-                format_train_line(
-                    iteration,
-                    train_iters,
-                    args.consumed_train_samples,
-                    per_iter * 1000.0,
-                    tflops,
-                    lr,
-                    global_batch,
-                    avg,
-                    optimizer.loss_scale,
-                    grad_norm,
-                    skipped_total,
-                    nans_total,
-                )  # fmt: skip
-            )
-            perf = {"throughput-tflops-per-gpu": tflops, "iteration-time-ms": per_iter * 1000.0}
-            if torch.cuda.is_available():
-                perf["mem-max-allocated-gib"] = torch.cuda.max_memory_allocated() / 2**30
-            writer.add_scalars(perf, iteration)
-            if tty:
-                eta = per_iter * (train_iters - iteration)
-                print_rank_0(
-                    f"   [{iteration}/{train_iters}] eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
-                )
-            interval_losses, interval_count, interval_flops = {}, 0, 0.0
-            interval_start = time.time()
 
         if args.save_interval and iteration % args.save_interval == 0:
             save(iteration)

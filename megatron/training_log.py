@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Optional
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
 
 
 def format_train_line(
@@ -90,3 +94,78 @@ class ScalarWriter:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class IntervalLogger:
+    """Accumulates the iterations between two log lines; prints Megatron's line every --log-interval
+    iterations and writes TensorBoard scalars every --tensorboard-log-interval iterations."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        train_iters: int,
+        writer: ScalarWriter,
+        print_fn: Callable[[str], None],
+    ) -> None:
+        self.args = args
+        self.train_iters = train_iters
+        self.writer = writer
+        self.print = print_fn
+        self.tty = sys.stdout.isatty()
+        self.skipped = 0
+        self.nans = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.losses: dict[str, float] = {}
+        self.count = 0
+        self.flops = 0.0
+        self.start = time.time()
+
+    def record(
+        self,
+        iteration: int,
+        losses: dict[str, float],
+        update_successful: bool,
+        grad_norm: Optional[float],
+        global_batch: int,
+        learning_rate: float,
+        loss_scale: float,
+        flops: float,
+    ) -> None:
+        """Account for one finished iteration; log when an interval is complete."""
+        args = self.args
+        self.skipped += 0 if update_successful else 1
+        self.nans += 0 if all(math.isfinite(v) for v in losses.values()) else 1
+        for name, value in losses.items():
+            if math.isfinite(value):
+                self.losses[name] = self.losses.get(name, 0.0) + value
+        self.count += 1
+        self.flops += flops
+        if iteration % args.tensorboard_log_interval == 0:
+            scalars = dict(losses, **{"learning-rate": learning_rate, "loss-scale": loss_scale})
+            scalars["batch-size"] = global_batch
+            if grad_norm is not None:
+                scalars["grad-norm"] = grad_norm
+            self.writer.add_scalars(scalars, iteration)
+        if iteration % args.log_interval != 0:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        elapsed = time.time() - self.start
+        per_iter = elapsed / self.count
+        tflops = self.flops / elapsed / args.world_size / 1e12
+        average = {name: total / self.count for name, total in self.losses.items()}
+        line = format_train_line(
+            iteration, self.train_iters, args.consumed_train_samples, per_iter * 1000.0, tflops, learning_rate,
+            global_batch, average, loss_scale, grad_norm, self.skipped, self.nans,
+        )  # fmt: skip
+        self.print(line)
+        perf = {"throughput-tflops-per-gpu": tflops, "iteration-time-ms": per_iter * 1000.0}
+        if torch.cuda.is_available():
+            perf["mem-max-allocated-gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self.writer.add_scalars(perf, iteration)
+        if self.tty:
+            eta = time.strftime("%H:%M:%S", time.gmtime(per_iter * (self.train_iters - iteration)))
+            self.print(f"   [{iteration}/{self.train_iters}] eta {eta}")
+        self._reset()
