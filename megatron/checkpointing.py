@@ -55,7 +55,7 @@ from megatron.checkpoint_format import (
     tracker_text,
 )
 from megatron.parallel.random import get_rng_tracker
-from megatron.parallel.state import ParallelState
+from megatron.parallel.state import ParallelState, print_rank_0
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -104,7 +104,7 @@ def save_checkpoint(
     rank when any rank fails to write; the tracker then still names the previous checkpoint.
     """
     final_dir = get_checkpoint_dir(save_dir, iteration)
-    _print_first(parallel, f"saving checkpoint at iteration {iteration:7d} to {save_dir}")
+    print_rank_0(parallel, f"saving checkpoint at iteration {iteration:7d} to {save_dir}")
     token = _agree_on_token(save_dir, parallel)
     temp_dir = f"{final_dir}.tmp-{token}"
     rng_states = _gather_rng_states(parallel)
@@ -138,7 +138,7 @@ def save_checkpoint(
         except Exception as e:
             error = e
     _raise_unless_all_succeeded(error, parallel, f"moving {temp_dir} into place as {final_dir} failed")
-    _print_first(parallel, f"  successfully saved checkpoint at iteration {iteration:7d} to {save_dir}")
+    print_rank_0(parallel, f"  successfully saved checkpoint at iteration {iteration:7d} to {save_dir}")
     return final_dir
 
 
@@ -306,7 +306,7 @@ def load_checkpoint(
     """
     metadata = read_metadata(load_dir)
     if metadata is None:
-        _print_first(
+        print_rank_0(
             parallel,
             f"WARNING: no checkpoint tracker {get_checkpoint_tracker_filename(load_dir)}; "
             "starting from randomly initialised weights",
@@ -318,7 +318,7 @@ def load_checkpoint(
         count_tensor_parallel_shards(checkpoint_dir), parallel.tp_size, checkpoint_dir
     )
     path = os.path.join(checkpoint_dir, shard_dir_name(parallel.tp_rank), SHARD_FILENAME)
-    _print_first(parallel, f"loading checkpoint from {load_dir} at iteration {tracked_iteration}")
+    print_rank_0(parallel, f"loading checkpoint from {load_dir} at iteration {tracked_iteration}")
     state = _load_file(path, mmap=False)
     checkpoint_args = state.get("args")
     if checkpoint_args is not None and hasattr(checkpoint_args, "tensor_model_parallel_size"):
@@ -339,7 +339,7 @@ def load_checkpoint(
         _restore_rng_state(_require(state, "rng_state", path, "--no-load-rng"), parallel.dp_rank)
 
     iteration = state["iteration"] if restore_training_state else 0
-    _print_first(parallel, f"  successfully loaded checkpoint from {load_dir} at iteration {iteration}")
+    print_rank_0(parallel, f"  successfully loaded checkpoint from {load_dir} at iteration {iteration}")
     return iteration, checkpoint_args
 
 
@@ -418,9 +418,3 @@ def _require(state: dict[str, Any], key: str, path: str, flag: str) -> Any:
     if value is None:
         raise CheckpointError(f"{path} holds no '{key}'; load it with {flag} (or --finetune)")
     return value
-
-
-def _print_first(parallel: ParallelState, message: str) -> None:
-    """Print on global rank 0 only (as Megatron's print_rank_0)."""
-    if parallel.is_first_rank:
-        print(message, flush=True)

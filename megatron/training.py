@@ -42,7 +42,7 @@ from megatron.lr_scheduler import OptimizerParamScheduler
 from megatron.microbatches import MicroBatchCalculator
 from megatron.model.utils import hardware_flops
 from megatron.optimizer import MegatronOptimizer, OptimizerConfig, build_optimizer
-from megatron.parallel.state import ParallelState
+from megatron.parallel.state import ParallelState, print_rank_0
 from megatron.tokenizer import build_tokenizer, vocab_size_with_padding
 from megatron.training_log import IntervalLogger, ScalarWriter, format_eval_block
 
@@ -53,11 +53,6 @@ ForwardStep = Callable[[Iterator, nn.Module, argparse.Namespace, ParallelState],
 
 class TrainingError(Exception):
     """A run that cannot go on (e.g. NaN losses that do not stop); reported as a clean error."""
-
-
-def print_rank_0(message: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(message, flush=True)
 
 
 def is_last_rank() -> bool:
@@ -209,7 +204,7 @@ def evaluate_and_print(
     if data_iterator is None or args.eval_iters == 0:
         return None
     losses = evaluate(forward_step, data_iterator, model, num_microbatches, args, parallel)
-    print_rank_0(format_eval_block(prefix, losses))
+    print_rank_0(parallel, format_eval_block(prefix, losses))
     tag = prefix.split()[0]
     scalars = {f"{name} {tag}": v for name, v in losses.items()}
     scalars.update({f"{name} {tag} ppl": math.exp(min(20.0, v)) for name, v in losses.items()})
@@ -273,7 +268,7 @@ def load_for_training(
     if not args.finetune:
         args.consumed_train_samples = getattr(ckpt_args, "consumed_train_samples", 0)
         args.consumed_valid_samples = getattr(ckpt_args, "consumed_valid_samples", 0)
-    print_rank_0(f"> loaded checkpoint from {args.load} at iteration {iteration}")
+    print_rank_0(parallel, f"> loaded checkpoint from {args.load} at iteration {iteration}")
     return iteration
 
 
@@ -333,8 +328,9 @@ def _pretrain(
         tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
     )
     print_rank_0(
+        parallel,
         f"> world size {args.world_size}: tensor-parallel {parallel.tp_size} x data-parallel {parallel.dp_size}; "
-        f"vocab {tokenizer.vocab_size} padded to {args.padded_vocab_size}"
+        f"vocab {tokenizer.vocab_size} padded to {args.padded_vocab_size}",
     )
 
     model, optimizer, scheduler = setup_model_and_optimizer(model_provider, args, parallel)
@@ -394,7 +390,7 @@ def _train_loop(
             save_checkpoint(it, model.module, optimizer, scheduler, args, parallel, args.save)
 
     model.train()
-    logger = IntervalLogger(args, train_iters, writer, print_rank_0)
+    logger = IntervalLogger(args, train_iters, writer, partial(print_rank_0, parallel))
     consecutive_bad = 0
     while iteration < train_iters:
         calculator.update(args.consumed_train_samples)
@@ -441,7 +437,7 @@ def _train_loop(
         if timed_out or (args.exit_interval and iteration % args.exit_interval == 0):
             if not (args.save_interval and iteration % args.save_interval == 0):
                 save(iteration)
-            print_rank_0(f"exiting program at iteration {iteration}")
+            print_rank_0(parallel, f"exiting program at iteration {iteration}")
             return iteration
     if args.save and not (args.save_interval and iteration % args.save_interval == 0):
         save(iteration)

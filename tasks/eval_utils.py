@@ -43,9 +43,3 @@ def sum_over_dataset(
 def model_device(model: nn.Module) -> torch.device:
     """Where the model's parameters live (batches are moved there)."""
     return next(model.parameters()).device
-
-
-def print_rank_0(parallel: ParallelState, message: str) -> None:
-    """Print on global rank 0 only."""
-    if parallel.is_first_rank:
-        print(message, flush=True)

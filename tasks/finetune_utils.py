@@ -43,11 +43,11 @@ from megatron.distributed import DistributedDataParallel
 from megatron.lr_scheduler import OptimizerParamScheduler
 from megatron.model.utils import hardware_flops
 from megatron.optimizer import MegatronOptimizer
-from megatron.parallel.state import ParallelState
+from megatron.parallel.state import ParallelState, print_rank_0
 from megatron.training import TrainingError, setup_model_and_optimizer, train_step
 from megatron.training_log import format_train_line
 from tasks.data_utils import TaskError
-from tasks.eval_utils import model_device, print_rank_0, sum_over_dataset
+from tasks.eval_utils import model_device, sum_over_dataset
 
 ModelProvider = Callable[[argparse.Namespace, ParallelState], nn.Module]
 

@@ -129,3 +129,9 @@ def initialize_model_parallel(
         tp_src_rank=rank - rank % tp_size,
         global_rank=rank,
     )
+
+
+def print_rank_0(parallel: ParallelState, message: str) -> None:
+    """Print on global rank 0 only (Megatron's print_rank_0), so a log line appears once per job."""
+    if parallel.is_first_rank:
+        print(message, flush=True)

@@ -17,10 +17,9 @@ from functools import partial
 from torch import nn
 
 from megatron.arguments import transformer_config_from_args
-from megatron.parallel.state import ParallelState
+from megatron.parallel.state import ParallelState, print_rank_0
 from megatron.tokenizer import AbstractTokenizer
 from tasks.classification import Classification
-from tasks.eval_utils import print_rank_0
 from tasks.finetune_utils import FinetuneTask, finetune
 from tasks.glue.data import GLUE_TASKS, GlueDataset, GlueTask
 

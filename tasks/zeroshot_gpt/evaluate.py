@@ -32,9 +32,9 @@ from torch import Tensor, nn
 from megatron.arguments import transformer_config_from_args
 from megatron.checkpointing import CheckpointError, load_checkpoint, read_metadata
 from megatron.model import GPTModel
-from megatron.parallel.state import ParallelState
+from megatron.parallel.state import ParallelState, print_rank_0
 from megatron.tokenizer import AbstractTokenizer
-from tasks.eval_utils import model_device, print_rank_0, sum_over_dataset
+from tasks.eval_utils import model_device, sum_over_dataset
 from tasks.zeroshot_gpt.datasets import LambadaDataset, build_wikitext_data
 
 MAX_EXP = 20.0  # Megatron caps the exponent of its perplexities
