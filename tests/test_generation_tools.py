@@ -25,13 +25,11 @@ from megatron.text_generation.server import (
     parse_request,
 )
 from tests.distributed_utils import run_distributed
+from tests.shared_data import wikitext_gpt_dataset
 from tools import generate as generate_tool
 from tools import text_generation_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = Path("/work/shared/data/wikitext-2/valid.txt")
-if not WIKITEXT.exists():
-    WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 MAX_POSITIONS = 64
 PROMPT = "The history of the"
 
@@ -39,39 +37,16 @@ PROMPT = "The history of the"
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> dict:
     """A trained tokenizer and a TP=1 checkpoint of a 2-layer GPT, plus the same checkpoint resharded to TP=2."""
-    from tools import preprocess_data, train_tokenizer
     from tools.checkpoint import reshard
 
     tmp = tmp_path_factory.mktemp("generation")
-    docs, current = [], []
-    for line in WIKITEXT.read_text(encoding="utf-8").splitlines():
-        if line.startswith(" = ") and not line.startswith(" = = ") and current:
-            docs.append("\n".join(current))
-            current = []
-        current.append(line)
-    jsonl = tmp / "wiki.jsonl"
-    jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:10]), encoding="utf-8")
-    train_tokenizer.main(
-        [
-            "--input",
-            str(jsonl),
-            "--tokenizer-type",
-            "GPT2BPETokenizer",
-            "--vocab-size",
-            "500",
-            "--output-dir",
-            str(tmp),
-        ]
-    )
-    tok = ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(tmp / "vocab.json"),
-           "--merge-file", str(tmp / "merges.txt")]  # fmt: skip
-    preprocess_data.main(["--input", str(jsonl), "--output-prefix", str(tmp / "wiki"), "--append-eod", *tok])
+    prefix, tok = wikitext_gpt_dataset(tmp, num_docs=10, vocab_size=500)
     ckpt = tmp / "ckpt"
     pretrain_gpt.main(
         [*f"--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length {MAX_POSITIONS} "
          f"--max-position-embeddings {MAX_POSITIONS} --micro-batch-size 4 --lr 5e-3 --train-iters 60 "
          "--log-interval 100 --eval-interval 1000 --eval-iters 0 --seed 7 --split 100,0,0".split(),
-         "--data-path", str(tmp / "wiki_text_document"), "--data-cache-path", str(tmp / "cache"),
+         "--data-path", prefix, "--data-cache-path", str(tmp / "cache"),
          "--save", str(ckpt), "--save-interval", "60", *tok]
     )  # fmt: skip
     reshard.main(

