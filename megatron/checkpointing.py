@@ -339,7 +339,10 @@ def load_checkpoint(
         _restore_rng_state(_require(state, "rng_state", path, "--no-load-rng"), parallel.dp_rank)
 
     iteration = state["iteration"] if restore_training_state else 0
-    print_rank_0(parallel, f"  successfully loaded checkpoint from {load_dir} at iteration {iteration}")
+    what = "" if restore_training_state else " (model weights only; iteration counter reset to 0)"
+    print_rank_0(
+        parallel, f"  successfully loaded checkpoint from {load_dir} at iteration {tracked_iteration}{what}"
+    )
     return iteration, checkpoint_args
 
 

@@ -71,6 +71,6 @@ torchrun --standalone --nproc_per_node "$NPROC" tasks/main.py --task WIKITEXT103
   --valid-data "$OUT/corpus/heldout_hamlet.txt" --load "$OUT/checkpoints" --use-checkpoint-args \
   --tensor-model-parallel-size "$TP" --micro-batch-size 16 --overlapping-eval 32 2>&1 | tee "$OUT/eval.log"
 torchrun --standalone --nproc_per_node "$NPROC" tools/generate.py --load "$OUT/checkpoints" \
-  --tensor-model-parallel-size "$TP" --prompt "HAMLET. To be, or not to be," --max-new-tokens 60 \
+  --tensor-model-parallel-size "$TP" --prompt "HAMLET. To be, or not to be," --max-new-tokens 60 --print-prompt \
   --temperature 0.8 --top-k 40 --seed 1234
 printf '\nDone. Everything is in %s: corpus/, tokenizer/, data/, checkpoints/, train.log, eval.log, tensorboard/\n' "$OUT"
