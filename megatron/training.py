@@ -108,15 +108,28 @@ def build_scheduler(optimizer: MegatronOptimizer, args: argparse.Namespace) -> O
     )
 
 
+def train_schedule(args: argparse.Namespace) -> tuple[int, int]:
+    """(iterations, samples) of the whole run. With --train-samples the iterations follow the batch-size
+    rampup, and the last global batch may take the run a little past --train-samples."""
+    if args.train_iters is not None:
+        return args.train_iters, args.train_iters * args.global_batch_size
+    calculator = MicroBatchCalculator(
+        args.global_batch_size, args.micro_batch_size, args.data_parallel_size, args.rampup_batch_size
+    )
+    consumed, iterations = 0, 0
+    while consumed < (args.train_samples or 0):
+        calculator.update(consumed)
+        consumed += calculator.current_global_batch_size
+        iterations += 1
+    return iterations, consumed
+
+
 def train_valid_test_num_samples(args: argparse.Namespace) -> list[int]:
     """Samples each split must provide: training, every evaluation of the run, and the final test."""
-    train_iters = args.train_iters
-    if train_iters is None:
-        train_iters = math.ceil((args.train_samples or 0) / args.global_batch_size)
-    train = args.train_samples if args.train_samples is not None else train_iters * args.global_batch_size
+    train_iters, train_samples = train_schedule(args)
     evaluations = train_iters // args.eval_interval + 1
     return [
-        train,
+        train_samples,
         evaluations * args.eval_iters * args.global_batch_size,
         args.eval_iters * args.global_batch_size,
     ]
@@ -381,9 +394,7 @@ def _train_loop(
     start_time: float,
     summary: dict,
 ) -> int:
-    train_iters = args.train_iters
-    if train_iters is None:
-        train_iters = _iterations_for_samples(args)
+    train_iters, _ = train_schedule(args)
 
     def save(it: int) -> None:
         if args.save:
@@ -442,16 +453,3 @@ def _train_loop(
     if args.save and not (args.save_interval and iteration % args.save_interval == 0):
         save(iteration)
     return iteration
-
-
-def _iterations_for_samples(args: argparse.Namespace) -> int:
-    """Iterations needed to consume --train-samples, following the batch-size rampup."""
-    calculator = MicroBatchCalculator(
-        args.global_batch_size, args.micro_batch_size, args.data_parallel_size, args.rampup_batch_size
-    )
-    consumed, iterations = 0, 0
-    while consumed < args.train_samples:
-        calculator.update(consumed)
-        consumed += calculator.current_global_batch_size
-        iterations += 1
-    return iterations

@@ -170,3 +170,49 @@ def test_persistent_nan_stops_with_clear_message(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "consecutive iterations" in proc.stderr and "Traceback" not in proc.stderr
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+
+
+# --- schedule, exits and logging ----------------------------------------------------------------------
+
+
+def test_batch_size_rampup_with_train_samples():
+    summary = _train(
+        pretrain_gpt,
+        [
+            *TINY,
+            *MOCK,
+            "--train-samples",
+            48,
+            "--global-batch-size",
+            8,
+            "--rampup-batch-size",
+            2,
+            2,
+            24,
+            "--lr-warmup-iters",
+            0,
+            "--lr-warmup-samples",
+            4,
+        ],  # fmt: skip
+    )
+    # 2 -> 4 -> 6 -> 8 every 8 samples over the first 24, then 8: 2+2+2+2+4+4+6+6+8+8+8 = 52 >= 48 samples.
+    assert summary["iteration"] == 11
+
+
+def test_exit_duration_saves_and_stops(tmp_path):
+    summary = _train(
+        pretrain_gpt, [*TINY, *MOCK, "--train-iters", 50, "--exit-duration-in-mins", 0, "--save", tmp_path]
+    )
+    assert summary["iteration"] == 1
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+
+
+def test_tensorboard_scalars_are_written(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _train(pretrain_gpt, [*TINY, *MOCK, "--train-iters", 4, "--tensorboard-dir", tmp_path])
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"lm loss", "learning-rate", "grad-norm", "loss-scale", "throughput-tflops-per-gpu"} <= tags
+    assert [e.step for e in events.Scalars("lm loss")] == [1, 2, 3, 4]
