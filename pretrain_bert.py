@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from functools import partial
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -60,15 +61,19 @@ def forward_step(
 
 
 def _token_ids(tokenizer) -> BertTokenIds:
-    """The tokenizer's [CLS]/[SEP]/[MASK]/[PAD] ids; a tokenizer without them (NullTokenizer, for mock data)
-    gets ids 0..3 reserved."""
+    """The tokenizer's [CLS]/[SEP]/[MASK]/[PAD] ids (a tokenizer without them, NullTokenizer for mock data,
+    gets ids 0..3 reserved) and which word pieces continue a word ("##..."), for whole-word masking."""
     try:
         ids = (tokenizer.cls, tokenizer.sep, tokenizer.mask, tokenizer.pad)
     except (AttributeError, NotImplementedError):
         ids = (None,) * 4
     if any(i is None for i in ids):
         ids = (0, 1, 2, 3)
-    return BertTokenIds(*ids, vocab_size=tokenizer.vocab_size)
+    is_continuation = np.zeros(tokenizer.vocab_size, dtype=bool)
+    for token_id, token in tokenizer.inv_vocab.items():
+        if token.startswith("##") and token_id < tokenizer.vocab_size:
+            is_continuation[token_id] = True
+    return BertTokenIds(*ids, vocab_size=tokenizer.vocab_size, is_continuation=is_continuation)
 
 
 def train_valid_test_datasets_provider(num_samples: list[int], args: argparse.Namespace) -> tuple:

@@ -213,3 +213,54 @@ def test_no_usable_document_is_reported(tmp_path):
         builder.finalize(prefix + ".idx")
     with pytest.raises(ValueError, match="single_sentences.*at least 2 sentences"):
         BertDataset("train", IndexedDataset(prefix), np.arange(5), 10, 0, IDS, BertMaskingConfig(16))
+
+
+def test_whole_word_ngram_masking():
+    """Word pieces that continue a word are masked together with it; spans of up to 3 words occur."""
+    is_continuation = np.zeros(IDS.vocab_size, dtype=bool)
+    is_continuation[5000:6000] = True  # ids 5000-5999 play WordPiece's "##" pieces
+    ids = BertTokenIds(101, 102, 103, 0, IDS.vocab_size, is_continuation=is_continuation)
+    config = BertMaskingConfig(max_seq_length=128)
+    rng = np.random.RandomState(0)
+    masked_fraction, span_words, whole = [], [], True
+    for i in range(400):
+        words = [
+            np.concatenate(([rng.randint(1000, 5000)], rng.randint(5000, 6000, size=rng.randint(0, 3))))
+            for _ in range(rng.randint(20, 40))
+        ]
+        sentences = [np.concatenate(words[: len(words) // 2]), np.concatenate(words[len(words) // 2 :])]
+        sample = bert_dataset.build_training_sample(sentences, 125, ids, config, np.random.RandomState(i))
+        text = unmasked(sample)
+        real = sample["padding_mask"] == 1
+        mask = sample["loss_mask"] == 1
+        masked_fraction.append(mask.sum() / real.sum())
+        starts = real & ~is_continuation[text]  # word starts (and special tokens)
+        for pos in np.flatnonzero(mask):
+            if is_continuation[text[pos]]:
+                whole &= bool(mask[pos - 1])  # a masked piece's predecessor in its word is masked too
+            else:
+                end = pos + 1
+                while end < len(text) and real[end] and not starts[end]:
+                    whole &= bool(mask[end])  # a masked word start takes its pieces with it
+                    end += 1
+        # Lengths of masked runs, in words.
+        run = 0
+        for pos in range(len(text)):
+            if mask[pos] and starts[pos]:
+                run += 1
+            elif not mask[pos]:
+                if run:
+                    span_words.append(run)
+                run = 0
+    assert whole
+    assert abs(np.mean(masked_fraction) - 0.15) < 0.02
+    assert max(span_words) >= 3 and np.mean(np.array(span_words) > 1) > 0.2
+
+
+def test_mask_budget_is_never_exceeded():
+    ids = BertTokenIds(101, 102, 103, 0, IDS.vocab_size, is_continuation=np.zeros(IDS.vocab_size, dtype=bool))
+    config = BertMaskingConfig(max_seq_length=32)
+    sentences = [np.arange(1000, 1010), np.arange(1010, 1027)]
+    for seed in range(200):
+        sample = bert_dataset.build_training_sample(sentences, 29, ids, config, np.random.RandomState(seed))
+        assert sample["loss_mask"].sum() <= round(0.15 * 30)

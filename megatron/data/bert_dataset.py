@@ -10,23 +10,26 @@ is then built with np.random.RandomState(seed + i), so it does not depend on the
 2. Truncate to the target length: repeatedly drop a token from the longer segment (B on ties), from its
    front or back with equal probability.
 3. `[CLS] A [SEP] B [SEP]`, token types 0 for [CLS] A [SEP] and 1 for B [SEP].
-4. Mask n = min(ceil(p * target), max(1, round(p * len(tokens)))) tokens, p = masked_lm_prob, chosen
-   uniformly among non-special positions: 80% become [MASK], 10% stay, 10% become a uniform random id.
+4. Mask up to n = min(ceil(p * target), max(1, round(p * len(tokens)))) tokens, p = masked_lm_prob, as
+   Megatron does: whole words (a word piece that continues a word, WordPiece's "##", is masked with the
+   piece before it) in n-grams of 1 to 3 words, n drawn with probability proportional to 1/n, the n-grams
+   taken in random order, shortened when too long for the budget, skipped when they overlap one already
+   taken. Each masked token becomes [MASK] (80%), stays (10%) or becomes a uniform random id (10%).
+   Without the vocabulary's word pieces (`BertTokenIds.is_continuation` None) every token is a word.
 5. Pad to max_seq_length with pad_id (token types with 0).
 
 Without the binary head (`binary_head=False`, --bert-no-binary-head) all sentences form A: `[CLS] A [SEP]`,
 is_random 0, and documents of one sentence are usable.
 
-Differences from Megatron-LM: masking is per token (Megatron masks whole words and n-grams of up to three
-words, which needs the vocabulary's strings), and the random streams differ from Megatron's C++ helper,
-so the samples are equally distributed but not identical.
+Difference from Megatron-LM: the random streams differ from Megatron's C++ helper and Python sampling, so
+the samples are equally distributed but not identical.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -40,13 +43,18 @@ from megatron.data.indexed_dataset import IndexedDataset
 
 @dataclass(frozen=True)
 class BertTokenIds:
-    """The tokenizer's special ids and vocabulary size (random replacements are drawn from [0, vocab_size))."""
+    """The tokenizer's special ids and vocabulary size (random replacements are drawn from [0, vocab_size)).
+
+    is_continuation: optional bool array over the vocabulary, True for word pieces that continue a word
+    (WordPiece's "##..."): whole-word masking keeps them with the word they belong to.
+    """
 
     cls_id: int
     sep_id: int
     mask_id: int
     pad_id: int
     vocab_size: int
+    is_continuation: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,48 @@ def _truncate(
     return tokens_a[a_lo:a_hi], tokens_b[b_lo:b_hi], True
 
 
+MAX_NGRAM_WORDS = 3  # Megatron's max_ngrams for BERT
+
+
+def _words(
+    tokens: np.ndarray, special: np.ndarray, is_continuation: Optional[np.ndarray]
+) -> list[np.ndarray]:
+    """The positions of each maskable word: non-special tokens, a continuation piece joined to the token
+    before it (unless that one is special)."""
+    candidates = np.flatnonzero(~special)
+    if is_continuation is None or candidates.size == 0:
+        return [candidates[i : i + 1] for i in range(candidates.size)]
+    follows = np.zeros(candidates.size, dtype=bool)
+    follows[1:] = is_continuation[tokens[candidates[1:]]] & (np.diff(candidates) == 1)
+    return np.split(candidates, np.flatnonzero(~follows)[1:])
+
+
+def _masked_positions(
+    words: list[np.ndarray], num_tokens: int, budget: int, rng: np.random.RandomState
+) -> np.ndarray:
+    """Megatron's n-gram whole-word selection (module docstring, step 4): sorted positions, at most `budget`."""
+    ngrams = np.arange(1, MAX_NGRAM_WORDS + 1)
+    weights = 1.0 / ngrams
+    covered = np.zeros(num_tokens, dtype=bool)
+    chosen: list[np.ndarray] = []
+    count = 0
+    for start in rng.permutation(len(words)):
+        if count >= budget:
+            break
+        longest = min(MAX_NGRAM_WORDS, len(words) - start)
+        n = rng.choice(ngrams[:longest], p=weights[:longest] / weights[:longest].sum())
+        span = np.concatenate(words[start : start + n])
+        while count + span.size > budget and n > 1:
+            n -= 1
+            span = np.concatenate(words[start : start + n])
+        if count + span.size > budget or covered[span].any():
+            continue
+        covered[span] = True
+        chosen.append(span)
+        count += span.size
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
 def build_training_sample(
     sentences: list[np.ndarray],
     target_length: int,
@@ -111,12 +161,11 @@ def build_training_sample(
     types[len(tokens_a) + 2 :] = 1
     special = np.zeros(len(tokens), dtype=bool)
     special[[0, len(tokens_a) + 1, len(tokens) - 1]] = True
-    candidates = np.flatnonzero(~special)
     p = config.masked_lm_prob
-    num_to_mask = min(math.ceil(p * target_length), max(1, int(round(p * len(tokens)))), candidates.size)
-    positions = (
-        np.sort(rng.choice(candidates, size=num_to_mask, replace=False)) if num_to_mask else candidates[:0]
-    )
+    budget = min(math.ceil(p * target_length), max(1, int(round(p * len(tokens)))))
+    words = _words(tokens, special, token_ids.is_continuation)
+    positions = _masked_positions(words, len(tokens), budget, rng)
+    num_to_mask = positions.size
     labels = np.full(config.max_seq_length, -1, dtype=np.int64)
     labels[positions] = tokens[positions]
     action = rng.random_sample(num_to_mask)
