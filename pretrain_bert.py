@@ -70,7 +70,11 @@ def _token_ids(tokenizer) -> BertTokenIds:
     if any(i is None for i in ids):
         ids = (0, 1, 2, 3)
     is_continuation = np.zeros(tokenizer.vocab_size, dtype=bool)
-    for token_id, token in tokenizer.inv_vocab.items():
+    try:
+        inv_vocab = tokenizer.inv_vocab
+    except NotImplementedError:  # NullTokenizer: ids without strings, every token a word
+        inv_vocab = {}
+    for token_id, token in inv_vocab.items():
         if token.startswith("##") and token_id < tokenizer.vocab_size:
             is_continuation[token_id] = True
     return BertTokenIds(*ids, vocab_size=tokenizer.vocab_size, is_continuation=is_continuation)

@@ -475,6 +475,15 @@ def validate_args(
                 float(weight)
             except ValueError:
                 fail(f"--data-path: expected a weight, got {weight!r} (pairs: WEIGHT PREFIX ...)")
+    if args.data_path:
+        prefixes = args.data_path if len(args.data_path) == 1 else args.data_path[1::2]
+        for prefix in prefixes:
+            missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+            if missing:
+                fail(
+                    f"--data-path {prefix}: no {' or '.join(prefix + ext for ext in missing)} (give the prefix "
+                    "that tools/preprocess_data.py wrote, e.g. corpus_text_document)"
+                )
     try:
         split = [float(s) for s in args.split.replace("/", ",").split(",") if s.strip()]
     except ValueError:

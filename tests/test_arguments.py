@@ -85,12 +85,18 @@ def test_missing_required(capsys):
     assert "needs --merge-file" in _error(capsys, argv)
 
 
-def test_data_path_pairs(capsys):
+def test_data_path_pairs(capsys, tmp_path):
     argv = [a for a in BASE if a != "--mock-data"]
     assert "takes pairs" in _error(capsys, argv + ["--data-path", "0.5", "a", "0.5"])
     assert "expected a weight, got 'a'" in _error(capsys, argv + ["--data-path", "a", "b"])
-    args = parse_args(argv + ["--data-path", "0.3", "a", "0.7", "b"])
-    assert args.data_path == ["0.3", "a", "0.7", "b"]
+    a, b = str(tmp_path / "a_text_document"), str(tmp_path / "b_text_document")
+    for name in (a + ".bin", a + ".idx", b + ".bin"):
+        open(name, "wb").close()
+    message = _error(capsys, argv + ["--data-path", "0.3", a, "0.7", b])
+    assert f"--data-path {b}: no {b}.idx" in message
+    open(b + ".idx", "wb").close()
+    args = parse_args(argv + ["--data-path", "0.3", a, "0.7", b])
+    assert args.data_path == ["0.3", a, "0.7", b]
 
 
 def test_rampup_batch_size():
