@@ -98,6 +98,20 @@ def test_resume_is_bitwise_exact_with_dropout(tmp_path):
     assert first + second == straight  # bitwise on CPU
 
 
+def _resume_on_rank(rank: int, world_size: int, ckpt: str) -> tuple[list[float], list[float]]:
+    base = [*TINY, *MOCK, "--global-batch-size", 8, "--train-iters", 8, "--tensor-model-parallel-size", 2]
+    straight = _lm_losses(_train(pretrain_gpt, [*base, "--save", ckpt + "_straight", "--save-interval", 100]))
+    first = _lm_losses(_train(pretrain_gpt, [*base, "--save", ckpt, "--exit-interval", 4]))
+    second = _lm_losses(_train(pretrain_gpt, [*base, "--save", ckpt, "--load", ckpt]))
+    return straight, first + second
+
+
+def test_resume_is_exact_at_tp2_dp2_with_dropout(tmp_path):
+    """Per-rank RNG states (TP-rank dropout streams, per DP rank) and the DP-sharded sampler resume exactly."""
+    for straight, resumed in run_distributed(_resume_on_rank, 4, args=(str(tmp_path / "ckpt"),)):
+        assert resumed == straight
+
+
 def test_load_of_empty_directory_starts_fresh(tmp_path):
     summary = _train(pretrain_gpt, [*TINY, *MOCK, "--train-iters", 3, "--load", tmp_path / "empty"])
     assert summary["iteration"] == 3
