@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron.compat_args import add_compat_args, check_compat_args
 from megatron.model.config import TransformerConfig
 
 ExtraArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
@@ -64,6 +65,7 @@ def build_parser(extra_args_provider: Optional[ExtraArgsProvider] = None) -> arg
     _add_validation_args(parser)
     _add_data_args(parser)
     _add_logging_args(parser)
+    add_compat_args(parser)
     if extra_args_provider is not None:
         parser = extra_args_provider(parser)
     return parser
@@ -325,7 +327,10 @@ def parse_args(
     if args.use_checkpoint_args:
         _apply_checkpoint_args(parser, args)
     args.world_size = world_size if world_size is not None else world_size_from_env()
+    notes = check_compat_args(parser, args)
     validate_args(parser, args, require_data=require_data)
+    if notes and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        print("note: accepted for Megatron-LM compatibility, no effect here: " + "; ".join(notes), flush=True)
     return args
 
 

@@ -134,3 +134,21 @@ def test_help_is_grouped():
     assert proc.returncode == 0
     for group in ("network size:", "training:", "learning rate:", "checkpointing:", "mixed precision:"):
         assert group in proc.stdout
+
+
+def test_megatron_launch_script_flags_are_accepted(capsys):
+    """Implementation-choice flags of Megatron-LM's example scripts parse; the note names them."""
+    extra = "--data-impl mmap --DDP-impl local --no-masked-softmax-fusion --use-flash-attn --checkpoint-activations"
+    args = parse_args(BASE + extra.split())
+    assert args.recompute_granularity == "full"  # older Megatron's --checkpoint-activations
+    out = capsys.readouterr().out
+    assert "no effect here" in out and "--data-impl" in out and "--no-masked-softmax-fusion" in out
+
+
+@pytest.mark.parametrize("flag", ["--sequence-parallel", "--use-distributed-optimizer", "--swiglu"])
+def test_unsupported_megatron_flags_are_refused_with_the_reason(capsys, flag):
+    assert f"{flag}: " in _error(capsys, BASE + [flag])
+
+
+def test_only_mmap_datasets(capsys):
+    assert "invalid choice: 'lazy'" in _error(capsys, BASE + ["--data-impl", "lazy"])
