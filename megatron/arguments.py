@@ -375,6 +375,10 @@ def validate_args(
             f"--pipeline-model-parallel-size {pp}"
         )
     args.data_parallel_size = args.world_size // (tp * pp)
+    if args.distributed_backend == "nccl" and args.world_size > 1 and not torch.cuda.is_available():
+        fail(
+            "--distributed-backend nccl needs CUDA GPUs, and none is visible: use --distributed-backend gloo"
+        )
 
     if args.hidden_size % args.num_attention_heads != 0 and args.kv_channels is None:
         fail(
