@@ -152,3 +152,9 @@ def test_unsupported_megatron_flags_are_refused_with_the_reason(capsys, flag):
 
 def test_only_mmap_datasets(capsys):
     assert "invalid choice: 'lazy'" in _error(capsys, BASE + ["--data-impl", "lazy"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_nccl_without_gpu_is_named(capsys):
+    message = _error(capsys, BASE + ["--distributed-backend", "nccl"], world_size=2)
+    assert "--distributed-backend nccl needs CUDA GPUs" in message
