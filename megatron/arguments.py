@@ -304,12 +304,19 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--log-memory-to-tensorboard", action="store_true")
 
 
+def launcher_ranks() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM (SLURM_PROCID,
+    SLURM_NTASKS, SLURM_LOCALID) announce them; (0, 1, 0) for a process started on its own."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
 def world_size_from_env() -> int:
-    """World size as torchrun (WORLD_SIZE) or SLURM (SLURM_NTASKS) announce it; 1 otherwise."""
-    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(var):
-            return int(os.environ[var])
-    return 1
+    return launcher_ranks()[1]
 
 
 def parse_args(
@@ -329,7 +336,7 @@ def parse_args(
     args.world_size = world_size if world_size is not None else world_size_from_env()
     notes = check_compat_args(parser, args)
     validate_args(parser, args, require_data=require_data)
-    if notes and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+    if notes and launcher_ranks()[0] == 0:
         print("note: accepted for Megatron-LM compatibility, no effect here: " + "; ".join(notes), flush=True)
     return args
 

@@ -11,26 +11,37 @@ from torch.utils.data import Dataset
 from megatron.data.bert_dataset import BertMaskingConfig, BertTokenIds, build_training_sample
 
 
-class MockGPTDataset(Dataset):
-    """`num_samples` samples {"text": np.int64 [seq_length + 1]} of uniform random ids in [0, vocab_size)."""
+class _SeededSamples(Dataset):
+    """`num_samples` samples, sample i drawn from np.random.RandomState(seed + i): deterministic, and
+    independent of the order in which samples are read."""
 
-    def __init__(self, num_samples: int, seq_length: int, vocab_size: int, seed: int) -> None:
+    def __init__(self, num_samples: int, seed: int) -> None:
         self.num_samples = num_samples
-        self.seq_length = seq_length
-        self.vocab_size = vocab_size
         self.seed = seed
 
     def __len__(self) -> int:
         return self.num_samples
 
-    def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
+    def _rng(self, idx: int) -> np.random.RandomState:
         if not 0 <= idx < self.num_samples:
             raise IndexError(f"sample {idx} out of range for {self.num_samples} samples")
-        rng = np.random.RandomState((self.seed + idx) % 2**32)
+        return np.random.RandomState((self.seed + idx) % 2**32)
+
+
+class MockGPTDataset(_SeededSamples):
+    """`num_samples` samples {"text": np.int64 [seq_length + 1]} of uniform random ids in [0, vocab_size)."""
+
+    def __init__(self, num_samples: int, seq_length: int, vocab_size: int, seed: int) -> None:
+        super().__init__(num_samples, seed)
+        self.seq_length = seq_length
+        self.vocab_size = vocab_size
+
+    def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
+        rng = self._rng(idx)
         return {"text": rng.randint(0, self.vocab_size, size=self.seq_length + 1).astype(np.int64)}
 
 
-class MockBertDataset(Dataset):
+class MockBertDataset(_SeededSamples):
     """`num_samples` BERT samples (the dict of bert_dataset.build_training_sample) from random sentences.
 
     Each sample has 2 to 6 sentences of 1 to 30 random non-special ids (ids >= `min_regular_id`, so a
@@ -49,19 +60,13 @@ class MockBertDataset(Dataset):
             raise ValueError(
                 f"min_regular_id {min_regular_id} must be below vocab_size {token_ids.vocab_size}"
             )
-        self.num_samples = num_samples
-        self.seed = seed
+        super().__init__(num_samples, seed)
         self.token_ids = token_ids
         self.config = config
         self.min_regular_id = min_regular_id
 
-    def __len__(self) -> int:
-        return self.num_samples
-
     def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
-        if not 0 <= idx < self.num_samples:
-            raise IndexError(f"sample {idx} out of range for {self.num_samples} samples")
-        rng = np.random.RandomState((self.seed + idx) % 2**32)
+        rng = self._rng(idx)
         sentences = [
             rng.randint(self.min_regular_id, self.token_ids.vocab_size, size=rng.randint(1, 31))
             for _ in range(rng.randint(2, 7))
