@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.distributed_utils import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "scripts" / "launch"
 
@@ -31,7 +33,7 @@ def _run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("model, script", [("gpt", "single_node.sh"), ("bert", "multi_node.sh")])
 def test_torchrun_scripts_train(tmp_path, model, script):
-    env = _env(tmp_path, NPROC="2", TP="2", MASTER_PORT=str(29500 + os.getpid() % 1000))
+    env = _env(tmp_path, NPROC="2", TP="2", MASTER_PORT=str(free_port()))
     proc = _run(["bash", str(LAUNCH / script), model], env)
     assert "tensor-parallel 2 x data-parallel 1" in proc.stdout
     assert " iteration        4/       4 |" in proc.stdout
@@ -59,7 +61,7 @@ def test_slurm_template_runs_under_srun(tmp_path):
         SLURM_NTASKS="2",
         SLURM_JOB_NODELIST="node0",
         SLURM_SUBMIT_DIR=str(ROOT),
-        MASTER_PORT=str(30500 + os.getpid() % 1000),
+        MASTER_PORT=str(free_port()),
         TP="1",
         SAVE=str(tmp_path / "ckpt"),
         SAVE_INTERVAL="2",
