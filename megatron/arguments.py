@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron.arguments_llama import add_llama_args, validate_llama_args
 from megatron.compat_args import add_compat_args, check_compat_args
 from megatron.model.config import TransformerConfig
 
@@ -31,6 +32,14 @@ CHECKPOINT_MODEL_ARGS = (
     "kv_channels",
     "max_position_embeddings",
     "position_embedding_type",
+    "rotary_base",
+    "rotary_percent",
+    "normalization",
+    "swiglu",
+    "group_query_attention",
+    "num_query_groups",
+    "add_bias_linear",
+    "untie_embeddings_and_output_weights",
     "embedding_layernorm",
     "apply_residual_connection_post_layernorm",
     "fp32_residual_connection",
@@ -55,6 +64,7 @@ def build_parser(extra_args_provider: Optional[ExtraArgsProvider] = None) -> arg
         description="Megatron-style GPT/BERT pretraining arguments", allow_abbrev=False
     )
     _add_network_args(parser)
+    add_llama_args(parser)
     _add_regularization_args(parser)
     _add_training_args(parser)
     _add_initialization_args(parser)
@@ -84,9 +94,9 @@ def _add_network_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--position-embedding-type",
-        choices=["learned_absolute", "alibi"],
+        choices=["learned_absolute", "rope", "alibi"],
         default="learned_absolute",
-        help="Learned absolute position embeddings, or BLOOM's ALiBi attention biases.",
+        help="Learned absolute position embeddings, rotary (RoPE), or BLOOM's ALiBi attention biases.",
     )
     g.add_argument(
         "--embedding-layernorm", action="store_true", help="BLOOM: layernorm after the word embeddings."
@@ -397,6 +407,7 @@ def validate_args(
             f"--num-attention-heads {args.num_attention_heads} is not divisible by "
             f"--tensor-model-parallel-size {tp}"
         )
+    validate_llama_args(args, fail)
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
     if args.ffn_hidden_size % tp != 0:
@@ -555,6 +566,13 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         openai_gelu=args.openai_gelu,
         bias_gelu_fusion=args.bias_gelu_fusion,
         position_embedding_type=args.position_embedding_type,
+        rotary_base=args.rotary_base,
+        rotary_percent=args.rotary_percent,
+        normalization=args.normalization,
+        swiglu=args.swiglu,
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
+        add_bias_linear=args.add_bias_linear,
+        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         embedding_layernorm=args.embedding_layernorm,
         recompute_granularity=args.recompute_granularity,
         params_dtype=args.params_dtype,

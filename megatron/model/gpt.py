@@ -61,7 +61,7 @@ class GPTModel(nn.Module):
                 )
             allowed = ~attention_mask
         hidden, _ = self.language_model(input_ids, position_ids, allowed, inference_params=inference_params)
-        weight = self.language_model.embedding.word_embeddings.weight
+        weight = self.language_model.output_weight()
         if labels is None:
             return parallel_lm_logits(hidden, weight, self.parallel, self.parallel_output)
         logits = parallel_lm_logits(hidden, weight, self.parallel, parallel_output=True)

@@ -39,13 +39,14 @@ def alibi_slopes(num_heads: int) -> Tensor:
 # dimension they are split along. Every other parameter is duplicated on all TP ranks.
 _TP_PARTITION_DIMS = {
     "word_embeddings.weight": 0,  # vocabulary rows
-    "self_attention.query_key_value.weight": 0,  # whole heads ([heads, 3, head_dim] rows)
+    "self_attention.query_key_value.weight": 0,  # whole heads ([heads, 3, head_dim] rows) or query groups
     "self_attention.query_key_value.bias": 0,
     "self_attention.dense.weight": 1,  # input columns = this rank's heads
-    "mlp.dense_h_to_4h.weight": 0,
+    "mlp.dense_h_to_4h.weight": 0,  # SwiGLU: [gate slice; up slice] per shard (tools/checkpoint/tp_layout)
     "mlp.dense_h_to_4h.bias": 0,
     "mlp.dense_4h_to_h.weight": 1,
     "lm_head.bias": 0,  # vocabulary entries, like word_embeddings
+    "output_layer.weight": 0,  # untied output layer: vocabulary rows, like word_embeddings
 }
 
 
