@@ -91,3 +91,14 @@ def validate_llama_args(args: argparse.Namespace, fail: Callable[[str], NoReturn
         args.ffn_hidden_size = int((4 * args.hidden_size * 2 / 3) / 64) * 64
         if args.ffn_hidden_size == 0:
             fail(f"--swiglu with --hidden-size {args.hidden_size}: give --ffn-hidden-size explicitly")
+
+
+def flops_shape(args: argparse.Namespace) -> dict:
+    """The layer shape that megatron.model.utils.model_flops / hardware_flops take as keywords."""
+    return dict(
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        kv_channels=args.kv_channels,
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
+        swiglu=args.swiglu,
+    )

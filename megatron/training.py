@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron.arguments import ExtraArgsProvider, parse_args
+from megatron.arguments_llama import flops_shape
 from megatron.checkpointing import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from megatron.data.samplers import build_data_loader
 from megatron.distributed import DistributedDataParallel
@@ -417,7 +418,7 @@ def _train_loop(
         summary["losses"].append(losses)
         flops = hardware_flops(
             global_batch, args.seq_length, args.num_layers, args.hidden_size, args.padded_vocab_size,
-            args.recompute_granularity,
+            args.recompute_granularity, **flops_shape(args),
         )  # fmt: skip
         logger.record(
             iteration, losses, update_successful, grad_norm, global_batch, scheduler.get_lr(),

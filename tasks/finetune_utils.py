@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from megatron.arguments_llama import flops_shape
 from megatron.checkpointing import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from megatron.data.samplers import build_data_loader
 from megatron.distributed import DistributedDataParallel
@@ -262,7 +263,7 @@ def _train(
     data = train_batches(train_set, args, parallel, iteration)
     num_micro_batches = args.global_batch_size // (args.micro_batch_size * parallel.dp_size)
     flops = hardware_flops(args.global_batch_size * task.sequences_per_sample, args.seq_length, args.num_layers,
-                           args.hidden_size, 0, args.recompute_granularity)  # fmt: skip
+                           args.hidden_size, 0, args.recompute_granularity, **flops_shape(args))  # fmt: skip
     model.train()
     interval_start, interval_iters = time.time(), 0
     consecutive_bad = skipped = nans = 0
