@@ -288,6 +288,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
             "BertWordPieceCase",
             "SentencePieceTokenizer",
             "HuggingFaceTokenizer",
+            "Llama2Tokenizer",
             "NullTokenizer",
         ],
         default=None,
@@ -528,6 +529,7 @@ def validate_args(
         "BertWordPieceCase": ("vocab_file",),
         "SentencePieceTokenizer": ("tokenizer_model",),
         "HuggingFaceTokenizer": ("tokenizer_model",),
+        "Llama2Tokenizer": ("tokenizer_model",),
         "NullTokenizer": ("vocab_size",),
     }[args.tokenizer_type]
     for flag in needs:
