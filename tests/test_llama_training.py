@@ -78,3 +78,31 @@ def test_llama_loss_falls_on_real_text(tmp_path):
     assert first > math.log(1000) - 1.0  # starts near uniform over the vocabulary
     assert last < first - 1.0, (first, last)
     assert summary["valid"] is not None and math.isfinite(summary["valid"]["lm loss"])
+
+
+def test_llama_launch_example_trains_and_exports(tmp_path):
+    """scripts/launch/llama.sh as shown (2 processes, TP 2), then its checkpoint exports to LlamaForCausalLM."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import LlamaForCausalLM
+
+    from tests.distributed_utils import free_port
+    from tools.checkpoint import export_hf
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ITERS="4", LOG_INTERVAL="2", EVAL_INTERVAL="2", EVAL_ITERS="1",
+               SAVE=str(tmp_path / "ckpt"), SAVE_INTERVAL="4", MASTER_PORT=str(free_port()))  # fmt: skip
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    proc = subprocess.run(["bash", str(root / "scripts/launch/llama.sh")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (
+        "tensor-parallel 2 x data-parallel 1" in proc.stdout
+        and " iteration        4/       4 |" in proc.stdout
+    )
+    export_hf.main(["--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")])
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "hf")
+    assert model.config.num_key_value_heads == 2 and model.config.intermediate_size == 176
