@@ -21,10 +21,15 @@ from megatron.data.mock_dataset import MockBertDataset
 from megatron.model import BertModel
 from megatron.parallel.state import ParallelState
 from megatron.tokenizer import build_tokenizer
-from megatron.training import pretrain
+from megatron.training import TrainingError, pretrain
 
 
 def model_provider(args: argparse.Namespace, parallel: ParallelState) -> nn.Module:
+    if args.untie_embeddings_and_output_weights:
+        raise TrainingError(
+            "--untie-embeddings-and-output-weights: BERT's masked-LM head always uses the word embeddings "
+            "(as in Megatron-LM); drop the flag"
+        )
     config = transformer_config_from_args(args)
     config.num_tokentypes = 2
     config.add_binary_head = args.bert_binary_head

@@ -74,3 +74,14 @@ def test_model_config_checks(fields, needle):
 
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         check_llama_config(tiny_config("gpt", **fields), single_process_state())
+
+
+def test_bert_refuses_an_untied_output_layer(capsys):
+    import pretrain_bert
+
+    argv = "--num-layers 1 --hidden-size 32 --num-attention-heads 4 --seq-length 16 --micro-batch-size 2 "
+    argv += "--train-iters 1 --lr 1e-3 --mock-data --untie-embeddings-and-output-weights"
+    with pytest.raises(SystemExit) as exc:
+        pretrain_bert.main(argv.split() + ["--tokenizer-type", "NullTokenizer", "--vocab-size", "100"])
+    assert exc.value.code == 1
+    assert "--untie-embeddings-and-output-weights: BERT's masked-LM head" in capsys.readouterr().err
