@@ -14,6 +14,11 @@ kernels; the maths is the same and batch-first reads more naturally). With p ten
                 heads, and the output projection is a RowParallelLinear (heads * head_dim -> h): again one
                 all-reduce forward (g) and one backward (f).
 
+Llama-family variants keep this structure: SwiGLU's gate and up projections are one column-parallel layer
+whose shard on rank r is [gate_r; up_r]; grouped-query attention orders the QKV rows per query group, and
+the G groups (not the heads) are split over ranks; RoPE rotates each rank's queries and keys locally;
+RMSNorm replaces LayerNorm where --normalization RMSNorm.
+
 So a layer does exactly two all-reduces in forward and two in backward. Layernorm, hidden dropout and the
 residual additions are duplicated on every TP rank (they see identical inputs and use the same RNG
 stream); attention dropout acts on this rank's heads only, so it draws from the TP-rank-specific stream of
@@ -117,7 +122,7 @@ def build_norm(config: TransformerConfig) -> nn.Module:
 class InferenceParams:
     """The KV cache of incremental decoding (Megatron-LM's InferenceParams).
 
-    Layer n keeps `key_value_memory_dict[n]` = (keys, values), each [max_batch_size, local_heads,
+    Layer n keeps `key_value_memory_dict[n]` = (keys, values), each [max_batch_size, local_groups,
     max_sequence_length, head_dim], allocated on first use in the dtype and device of the keys.
     `sequence_len_offset` is the number of positions already cached. A forward pass given this object
     processes s new tokens at positions sequence_len_offset .. sequence_len_offset + s - 1 (the caller passes
@@ -131,7 +136,7 @@ class InferenceParams:
     key_value_memory_dict: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def append(self, layer_number: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        """Store key, value [batch, local_heads, s, head_dim] of layer `layer_number` at the positions
+        """Store key, value [batch, local_groups, s, head_dim] of layer `layer_number` at the positions
         offset .. offset + s - 1; return the layer's keys and values of positions 0 .. offset + s - 1."""
         batch, heads, seq, head_dim = key.shape
         end = self.sequence_len_offset + seq
