@@ -42,9 +42,9 @@ def llama_model(
     return GPTModel(tiny_config("gpt", **{**LLAMA, **overrides}), parallel, parallel_output)
 
 
-def shard(full: Tensor, name: str, parallel: ParallelState) -> Tensor:
+def shard(full: Tensor, name: str, parallel: ParallelState, swiglu: bool = True) -> Tensor:
     """This rank's part of a TP = 1 tensor in the checkpoint layout (SwiGLU: [gate slice; up slice])."""
-    return split_whole({name: full}, parallel.tp_size, swiglu=True)[parallel.tp_rank][name]
+    return split_whole({name: full}, parallel.tp_size, swiglu=swiglu)[parallel.tp_rank][name]
 
 
 def randomise(model: GPTModel) -> None:
@@ -56,21 +56,31 @@ def randomise(model: GPTModel) -> None:
             param.copy_(torch.randn(param.shape, generator=g) * 0.3 + offset)
 
 
-def _check_tp_equals_single(parallel: ParallelState) -> None:
-    reference, model = llama_model(single_process_state()), llama_model(parallel)
+# Other combinations of the flags: biases, LayerNorm + GeLU with partial rotary, tied; MHA-as-GQA with ALiBi.
+VARIANTS = [
+    dict(add_bias_linear=True, normalization="LayerNorm", swiglu=False, rotary_percent=0.5,
+         untie_embeddings_and_output_weights=False),
+    dict(num_query_groups=4, position_embedding_type="alibi"),
+]  # fmt: skip
+
+
+def _check_tp_equals_single(parallel: ParallelState, **overrides) -> None:
+    reference, model = llama_model(single_process_state(), **overrides), llama_model(parallel, **overrides)
     ref_params = dict(reference.named_parameters())
+    swiglu = overrides.get("swiglu", True)
     assert list(ref_params) == [name for name, _ in model.named_parameters()]
-    assert (
-        not any(name.endswith(".bias") for name in ref_params)
-        and "language_model.output_layer.weight" in ref_params
-    )
+    if not overrides:
+        assert (
+            not any(n.endswith(".bias") for n in ref_params)
+            and "language_model.output_layer.weight" in ref_params
+        )
     for name, param in model.named_parameters():  # the same seed gives the same model at any TP size
-        assert torch.equal(param, shard(ref_params[name], name, parallel)), name
+        assert torch.equal(param, shard(ref_params[name], name, parallel, swiglu)), name
 
     randomise(reference)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            param.copy_(shard(ref_params[name], name, parallel))
+            param.copy_(shard(ref_params[name], name, parallel, swiglu))
     inputs = fixed_inputs("gpt")
     ids, positions, labels, weights = (
         inputs["ids"],
@@ -81,7 +91,7 @@ def _check_tp_equals_single(parallel: ParallelState) -> None:
     ref_logits = reference(ids, positions)
     with count_collectives() as calls:
         logits = model(ids, positions)
-    layers = reference.language_model.encoder.layers.__len__()
+    layers = len(reference.language_model.encoder.layers)
     assert dict(calls) == {"all_reduce": 2 * layers + 1}, calls  # + the vocab-parallel embedding's g
     vocab_shard = torch.chunk(ref_logits, parallel.tp_size, dim=-1)[parallel.tp_rank]
     assert_close_rel(logits, vocab_shard, what="logits")
@@ -95,7 +105,9 @@ def _check_tp_equals_single(parallel: ParallelState) -> None:
     (ref_loss * weights).sum().backward()
     (loss * weights).sum().backward()
     for name, param in model.named_parameters():
-        assert_close_rel(param.grad, shard(ref_params[name].grad, name, parallel), what=f"grad of {name}")
+        assert_close_rel(
+            param.grad, shard(ref_params[name].grad, name, parallel, swiglu), what=f"grad of {name}"
+        )
 
 
 def _check_one_layer_collectives(parallel: ParallelState) -> None:
@@ -144,6 +156,8 @@ def _check_generation(parallel: ParallelState) -> list[list[int]]:
 def _on_rank(rank: int, world_size: int, tp: int) -> list[list[int]]:
     parallel = initialize_model_parallel(tp)
     _check_tp_equals_single(parallel)
+    for overrides in VARIANTS:
+        _check_tp_equals_single(parallel, **overrides)
     _check_one_layer_collectives(parallel)
     return _check_generation(parallel)
 
@@ -188,3 +202,18 @@ def test_rotary_matches_explicit_rotation(kv_channels, percent):
     pairs = torch.complex(x[..., : r // 2].double(), x[..., r // 2 : r].double()) * torch.exp(1j * angles)
     expected = torch.cat([pairs.real, pairs.imag, x[..., r:].double()], dim=-1).float()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_recompute_gives_the_same_gradients_with_rope():
+    """Full and selective recompute replay the layer with the same rotary angles: identical gradients."""
+    inputs = fixed_inputs("gpt")
+    grads = {}
+    for granularity in (None, "full", "selective"):
+        model = llama_model(single_process_state(), recompute_granularity=granularity)
+        randomise(model)
+        loss = model(inputs["ids"], inputs["position_ids"], labels=inputs["labels"])
+        (loss * inputs["weights"]).sum().backward()
+        grads[granularity] = {name: p.grad for name, p in model.named_parameters()}
+    for granularity in ("full", "selective"):
+        for name, grad in grads[None].items():
+            torch.testing.assert_close(grads[granularity][name], grad, rtol=1e-6, atol=1e-7, msg=name)
