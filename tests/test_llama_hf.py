@@ -131,3 +131,26 @@ def test_non_llama_folder_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         import_hf_llama.main(["--hf-dir", str(tmp_path / "missing"), "--save", str(tmp_path / "out")])
     assert "no such directory" in str(exc.value)
+
+
+def test_unexportable_and_unreshardable_llama_checkpoints_are_refused(tmp_path):
+
+    random_llama().save_pretrained(tmp_path / "hf")
+    import_hf_llama.main(["--hf-dir", str(tmp_path / "hf"), "--save", str(tmp_path / "ours")])
+    with pytest.raises(SystemExit) as exc:  # 2 query groups cannot be split over 4 ranks
+        reshard.main(["--load", str(tmp_path / "ours"), "--save", str(tmp_path / "tp4"),
+                      "--target-tensor-model-parallel-size", "4", "--true-vocab-size", str(VOCAB)])  # fmt: skip
+    assert "does not divide the 2 query groups" in str(exc.value) and not (tmp_path / "tp4").exists()
+
+    checkpoint = load_checkpoint_shards(str(tmp_path / "ours"))
+    args = checkpoint.args
+    args.normalization = "LayerNorm"  # RoPE + SwiGLU with LayerNorm: no Hugging Face Llama expresses it
+    from tools.checkpoint.checkpoint_io import shard_file_state, write_checkpoint
+
+    write_checkpoint(str(tmp_path / "ln"), 0, True, [shard_file_state(args, 0, checkpoint.model_shards()[0])])
+    with pytest.raises(SystemExit) as exc:
+        export_hf.main(["--load", str(tmp_path / "ln"), "--output", str(tmp_path / "hf_ln")])
+    assert (
+        "LlamaForCausalLM needs --normalization RMSNorm" in str(exc.value)
+        and not (tmp_path / "hf_ln").exists()
+    )
