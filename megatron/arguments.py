@@ -2,8 +2,8 @@
 
 `parse_args(argv)` returns an `argparse.Namespace` whose attribute names are Megatron's (it is saved as
 `args` in every checkpoint, where converters written for Megatron read it). Every inconsistency between
-flags is reported by `parser.error`, which prints the usage line and a message naming the flags and exits
-with status 2: no traceback for a user mistake. Typed views for the subsystems are derived from it by
+flags is reported by `parser.error`, which prints one line naming the flags and a pointer to --help, and
+exits with status 2: no traceback for a user mistake. Typed views for the subsystems are derived from it by
 `transformer_config_from_args` and `optimizer_config_from_args`.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
-from typing import Callable, Optional
+from typing import Callable, NoReturn, Optional
 
 import torch
 
@@ -49,11 +49,16 @@ CHECKPOINT_MODEL_ARGS = (
 )
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line and a pointer to --help (not the 100-line usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
 def build_parser(extra_args_provider: Optional[ExtraArgsProvider] = None) -> argparse.ArgumentParser:
     """All of Megatron's flags that this project implements, grouped as in Megatron's --help."""
-    parser = argparse.ArgumentParser(
-        description="Megatron-style GPT/BERT pretraining arguments", allow_abbrev=False
-    )
+    parser = ArgumentParser(description="Megatron-style GPT/BERT pretraining arguments", allow_abbrev=False)
     _add_network_args(parser)
     _add_regularization_args(parser)
     _add_training_args(parser)
@@ -532,17 +537,17 @@ def validate_args(
     if args.finetune and not args.load:
         fail("--finetune needs --load DIR")
 
-    args.consumed_train_samples = 0
-    args.consumed_valid_samples = 0
 
-
-def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
-    """The model's typed config; `args.padded_vocab_size` must be set (by the tokenizer) first."""
+def transformer_config_from_args(
+    args: argparse.Namespace, padded_vocab_size: Optional[int] = None
+) -> TransformerConfig:
+    """The model's typed config. `padded_vocab_size` (the run's, see megatron.run_state) defaults to
+    `args.padded_vocab_size`, which the args saved in a checkpoint carry."""
     return TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads,
-        padded_vocab_size=args.padded_vocab_size,
+        padded_vocab_size=args.padded_vocab_size if padded_vocab_size is None else padded_vocab_size,
         max_position_embeddings=args.max_position_embeddings,
         ffn_hidden_size=args.ffn_hidden_size,
         kv_channels=args.kv_channels,
