@@ -338,6 +338,7 @@ def parse_args(
     args = parser.parse_args(argv)
     if args.use_checkpoint_args:
         _apply_checkpoint_args(parser, args)
+    args.rank = launcher_ranks()[0]
     args.world_size = world_size if world_size is not None else world_size_from_env()
     notes = check_compat_args(parser, args)
     validate_args(parser, args, require_data=require_data)

@@ -149,6 +149,38 @@ def test_relaunch_of_finished_run_evaluates_when_asked(tmp_path, capsys):
     assert _tree(ckpt) == before
 
 
+def test_training_leaves_args_unchanged_and_checkpoints_megatron_keys(tmp_path):
+    """Run state lives in RunState; the checkpoint's args still carry it under Megatron's names."""
+    import copy
+
+    import torch
+
+    from megatron.arguments import parse_args
+    from megatron.training import _pretrain
+
+    argv = [
+        *TINY,
+        *MOCK,
+        "--train-iters",
+        3,
+        "--global-batch-size",
+        4,
+        "--eval-interval",
+        2,
+        "--save",
+        tmp_path,
+    ]
+    args = parse_args([str(a) for a in argv])
+    before = copy.deepcopy(vars(args))
+    _pretrain(pretrain_gpt.train_valid_test_datasets_provider, pretrain_gpt.model_provider,
+              pretrain_gpt.forward_step, args)  # fmt: skip
+    assert vars(args) == before
+    saved = torch.load(tmp_path / "iter_0000003/mp_rank_00/model_optim_rng.pt", weights_only=False)["args"]
+    assert (saved.consumed_train_samples, saved.consumed_valid_samples) == (12, 4)  # one evaluation at 2
+    # NullTokenizer(200): ids 0..199 and the end-of-document id 200, padded to a multiple of 128
+    assert saved.padded_vocab_size == 256 and saved.eod_token == 200 and saved.num_layers == 2
+
+
 def test_load_of_empty_directory_starts_fresh(tmp_path):
     summary = _train(pretrain_gpt, [*TINY, *MOCK, "--train-iters", 3, "--load", tmp_path / "empty"])
     assert summary["iteration"] == 3
