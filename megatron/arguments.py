@@ -540,6 +540,34 @@ def parse_args(
     return args
 
 
+def model_flag_differences(saved: argparse.Namespace, current: argparse.Namespace) -> list[str]:
+    """For each model attribute of CHECKPOINT_MODEL_ARGS (file paths aside) that both Namespaces hold and
+    that differs: "checkpoint has --hidden-size 64, this run asks for 128", spelled with the flags."""
+    actions = {action.dest: action for action in build_parser()._actions if action.option_strings}
+    differences = []
+    for name in CHECKPOINT_MODEL_ARGS:
+        if name in ("vocab_file", "merge_file", "tokenizer_model") or not hasattr(saved, name):
+            continue
+        old, new = getattr(saved, name), getattr(current, name, None)
+        if old == new:
+            continue
+        action = actions.get(name)
+        if action is None:  # derived values: padded_vocab_size, num_tokentypes
+            label = name.replace("_", " ")
+            differences.append(f"checkpoint has {label} {old}, this run has {new}")
+        elif action.nargs == 0:  # a switch: given or not
+            flag = action.option_strings[0]
+            differences.append(
+                f"checkpoint was saved with {flag}, this run is not"
+                if old == action.const
+                else f"checkpoint was saved without {flag}, this run asks for it"
+            )
+        else:
+            flag = action.option_strings[0]
+            differences.append(f"checkpoint has {flag} {old}, this run asks for {new}")
+    return differences
+
+
 def _apply_checkpoint_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from megatron.checkpointing import CheckpointError, load_args_from_checkpoint
 

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron.arguments import model_flag_differences
 from megatron.checkpoint_format import (
     CHECKPOINT_VERSION,
     RELEASE,
@@ -289,6 +290,7 @@ def load_checkpoint(
     no_load_rng: bool = False,
     finetune: bool = False,
     strict: bool = True,
+    run_args: Optional[argparse.Namespace] = None,
 ) -> tuple[int, Optional[argparse.Namespace]]:
     """Restore this rank's shard of the checkpoint the tracker in `load_dir` names; return (iteration, args).
 
@@ -296,7 +298,9 @@ def load_checkpoint(
     `strict`), then, unless the checkpoint is a release or `finetune` is set, the optimizer and scheduler
     (unless `no_load_optim`) and the RNG states (unless `no_load_rng`). The iteration is 0 for a release
     or with `finetune`. Raises CheckpointError naming the path when the tracked dir or this rank's shard
-    is missing or unreadable, when the TP sizes differ, or when the model does not match the shard.
+    is missing or unreadable, when the TP sizes differ, or when the model does not match the shard; then,
+    given this run's `run_args` (with its padded_vocab_size), the error names every model flag that
+    differs from the checkpoint's saved args.
     """
     metadata = read_metadata(load_dir)
     if metadata is None:
@@ -322,6 +326,12 @@ def load_checkpoint(
     try:
         model.load_state_dict(from_megatron_state_dict(state["model"]), strict=strict)
     except (KeyError, RuntimeError) as e:
+        differences = [] if run_args is None else model_flag_differences(checkpoint_args, run_args)
+        if differences:
+            raise CheckpointError(
+                f"{path} holds a model of another shape: {'; '.join(differences)}; "
+                "pass --use-checkpoint-args or matching flags"
+            ) from None
         raise CheckpointError(f"{path}: the model does not match the checkpoint: {e}") from e
 
     restore_training_state = not (release or finetune)

@@ -273,6 +273,7 @@ def load_for_training(
             no_load_optim=args.no_load_optim,
             no_load_rng=args.no_load_rng,
             finetune=args.finetune,
+            run_args=run.checkpoint_args(args),
         )
     except ValueError as e:  # the scheduler refuses settings that contradict the checkpoint's
         raise CheckpointError(f"{args.load}: {e}") from None
