@@ -533,10 +533,12 @@ def parse_args(
         _apply_checkpoint_args(parser, args)
     args.rank = launcher_ranks()[0]
     args.world_size = world_size if world_size is not None else world_size_from_env()
-    notes = check_compat_args(parser, args)
+    notes, renamed = check_compat_args(parser, args)
     validate_args(parser, args, require_data=require_data)
-    if notes and launcher_ranks()[0] == 0:
+    if notes and args.rank == 0:
         print("note: accepted for Megatron-LM compatibility, no effect here: " + "; ".join(notes), flush=True)
+    if renamed and args.rank == 0:
+        print("note: old Megatron-LM spellings taken as the current flags: " + "; ".join(renamed), flush=True)
     return args
 
 
