@@ -498,8 +498,22 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tensorboard-log-interval", type=int, default=1)
     g.add_argument("--wandb-project", type=str, default=None, help="Weights & Biases project (if installed).")
     g.add_argument("--wandb-exp-name", type=str, default=None)
-    g.add_argument("--log-timers-to-tensorboard", action="store_true")
-    g.add_argument("--log-memory-to-tensorboard", action="store_true")
+    g.add_argument(
+        "--log-timers-to-tensorboard",
+        action="store_true",
+        help="Write the forward-backward, optimizer and iteration times to TensorBoard.",
+    )
+    g.add_argument(
+        "--log-memory-to-tensorboard",
+        action="store_true",
+        help="Write CUDA allocator statistics (peak resident memory without CUDA) to TensorBoard.",
+    )
+    g.add_argument(
+        "--log-num-zeros-in-grad",
+        action="store_true",
+        help="Log the number of zero gradient elements (over the whole model).",
+    )
+    g.add_argument("--log-params-norm", action="store_true", help="Log the L2 norm of the parameters.")
 
 
 def launcher_ranks() -> tuple[int, int, int]:

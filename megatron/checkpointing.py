@@ -97,19 +97,25 @@ def save_checkpoint(
     args: argparse.Namespace,
     parallel: ParallelState,
     save_dir: str,
+    *,
+    save_optim: bool = True,
+    save_rng: bool = True,
 ) -> str:
     """Write `<save_dir>/iter_{iteration:07d}/mp_rank_XX/model_optim_rng.pt` atomically; return that iteration dir.
 
     Collective: every rank calls it. `model` is the unwrapped module whose flat state_dict() is stored in
     Megatron's nested layout; `args` (with consumed_train_samples / consumed_valid_samples) is stored as
-    given; `optimizer` / `opt_param_scheduler` may be None (stored as None). Raises CheckpointError on every
-    rank when any rank fails to write; the tracker then still names the previous checkpoint.
+    given; `optimizer` / `opt_param_scheduler` may be None (stored as None). As Megatron's --no-save-optim
+    and --no-save-rng, `save_optim=False` leaves out the `optimizer` and `opt_param_scheduler` keys and
+    `save_rng=False` the `rng_state` key (loading such a checkpoint then needs --no-load-optim /
+    --no-load-rng or --finetune). Raises CheckpointError on every rank when any rank fails to write; the
+    tracker then still names the previous checkpoint.
     """
     final_dir = get_checkpoint_dir(save_dir, iteration)
     print_rank_0(parallel, f"saving checkpoint at iteration {iteration:7d} to {save_dir}")
     token = _agree_on_token(save_dir, parallel)
     temp_dir = f"{final_dir}.tmp-{token}"
-    rng_states = _gather_rng_states(parallel)
+    rng_states = _gather_rng_states(parallel) if save_rng else None
 
     error: Optional[Exception] = None
     if parallel.dp_rank == 0:  # one writer per TP rank
@@ -120,12 +126,14 @@ def save_checkpoint(
                 "checkpoint_version": CHECKPOINT_VERSION,
                 "iteration": iteration,
                 "model": to_megatron_state_dict(model.state_dict()),
-                "optimizer": None if optimizer is None else optimizer.state_dict(),
-                "opt_param_scheduler": None
-                if opt_param_scheduler is None
-                else opt_param_scheduler.state_dict(),
-                "rng_state": rng_states,
             }
+            if save_optim:
+                state["optimizer"] = None if optimizer is None else optimizer.state_dict()
+                state["opt_param_scheduler"] = (
+                    None if opt_param_scheduler is None else opt_param_scheduler.state_dict()
+                )
+            if save_rng:
+                state["rng_state"] = rng_states
             _write_file_atomically(state, shard_path)
         except Exception as e:  # reported on every rank below, so that no rank waits forever
             error = e

@@ -25,8 +25,6 @@ NO_EFFECT = {
     "--use-cpu-initialization": "weights are always drawn whole and sliced, independent of the TP size",
     "--distribute-checkpointed-activations": "recomputed layers keep their inputs whole on every TP rank",
     "--no-contiguous-buffers-in-local-ddp": "gradients always live in contiguous buckets",
-    "--log-num-zeros-in-grad": "not logged",
-    "--log-params-norm": "not logged",
     "--log-validation-ppl-to-tensorboard": "validation perplexity is always written with --tensorboard-dir",
     "--log-batch-size-to-tensorboard": "the batch size is always written with --tensorboard-dir",
 }

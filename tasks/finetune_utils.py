@@ -269,7 +269,8 @@ def _train(
     def save() -> None:
         if args.save:
             save_checkpoint(run.iteration, model.module, optimizer, scheduler, run.checkpoint_args(args),
-                            parallel, args.save)  # fmt: skip
+                            parallel, args.save, save_optim=not args.no_save_optim,
+                            save_rng=not args.no_save_rng)  # fmt: skip
 
     data = train_batches(train_set, args, parallel, run.iteration)
     flops = hardware_flops(args.global_batch_size * task.sequences_per_sample, args.seq_length, args.num_layers,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megatron.arguments import parse_args, transformer_config_from_args
+from megatron.compat_args import UNSUPPORTED
 from megatron.microbatches import MicroBatchCalculator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +192,7 @@ def test_old_spelling_that_contradicts_the_current_flag_is_refused(capsys):
     )
 
 
-@pytest.mark.parametrize("flag", ["--sequence-parallel", "--use-distributed-optimizer", "--swiglu"])
+@pytest.mark.parametrize("flag", sorted(UNSUPPORTED))
 def test_unsupported_megatron_flags_are_refused_with_the_reason(capsys, flag):
     assert f"{flag}: " in _error(capsys, BASE + [flag])
 
