@@ -127,6 +127,8 @@ def test_exported_llama_folder_carries_the_tokenizer(sp_model, tmp_path):
     )
     export_hf.main(["--load", str(tmp_path / "ckpt_sp"), "--output", str(tmp_path / "out")])
     exported = AutoTokenizer.from_pretrained(tmp_path / "out", use_fast=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)  # from the SentencePiece model
     for text in TEXTS:
         assert exported(text)["input_ids"] == Llama2Tokenizer(sp_model).tokenize(text)
 

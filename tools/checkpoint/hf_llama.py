@@ -23,11 +23,13 @@ logits). The export keeps our PADDED vocabulary as vocab_size, so the logits mat
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 import torch
 from torch import Tensor
 from transformers import LlamaConfig
 
+from megatron.tokenizer import build_tokenizer
 from tools.checkpoint.checkpoint_io import ToolError
 from tools.checkpoint.hf_common import end_of_document_id
 
@@ -95,11 +97,22 @@ def llama_config_from_args(saved_args: argparse.Namespace, dtype: torch.dtype) -
         attention_dropout=getattr(saved_args, "attention_dropout", 0.0),
         initializer_range=getattr(saved_args, "init_method_std", 0.02),
         tie_word_embeddings=not getattr(saved_args, "untie_embeddings_and_output_weights", False),
-        bos_token_id=getattr(saved_args, "bos_token", None),
+        bos_token_id=_bos_id(saved_args),
         eos_token_id=eod,
         architectures=["LlamaForCausalLM"],
         torch_dtype=dtype,
     )
+
+
+def _bos_id(saved_args: argparse.Namespace) -> Optional[int]:
+    """The beginning-of-sequence id: saved by the import as bos_token, else the tokenizer's, else None."""
+    bos = getattr(saved_args, "bos_token", None)
+    if bos is not None or getattr(saved_args, "tokenizer_type", None) is None:
+        return bos
+    try:
+        return build_tokenizer(saved_args).bos
+    except Exception:  # tokenizer files not available here, or no BOS token: the config names none
+        return None
 
 
 def _qkv_to_hf(qkv: Tensor, heads: int, groups: int) -> tuple[Tensor, Tensor, Tensor]:
