@@ -22,7 +22,9 @@ def test_planted_near_and_exact_duplicates_are_found(tmp_path):
     rng.shuffle(order)
     docs = docs[: len(originals)] + [docs[i] for i in order]  # copies come after their originals
 
-    out, report = prepare(tmp_path, [write_jsonl(tmp_path / "in.jsonl", [t for t, _, _ in docs])], *ONLY_DEDUP)
+    out, report = prepare(
+        tmp_path, [write_jsonl(tmp_path / "in.jsonl", [t for t, _, _ in docs])], *ONLY_DEDUP
+    )
 
     kept = {record["id"] for record in out}
     planted = [i for i, (_, source, _) in enumerate(docs) if source is not None]

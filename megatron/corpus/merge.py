@@ -132,7 +132,7 @@ def merge(config: CorpusConfig, folder: str, count: int, output: str, report_pat
         "decontamination": {
             "docs": sum(r["decontaminated_docs"] for r in reports),
             "removed_chars": sum(r["decontaminated_chars"] for r in reports),
-            "examples": [e for r in reports for e in r["decontaminated"]][:20],
+            "examples": _first_examples([e for r in reports for e in r["decontaminated"]]),
         },
         "duplicates": {
             name: {
@@ -146,6 +146,12 @@ def merge(config: CorpusConfig, folder: str, count: int, output: str, report_pat
     with atomic_output(report_path, "w") as file:
         json.dump(report, file, indent=1, ensure_ascii=False)
     return report
+
+
+def _first_examples(examples: list[dict], limit: int = 20) -> list[dict]:
+    """The first `limit` examples in input order (each shard keeps its first ones), without the sort key."""
+    ordered = sorted(examples, key=lambda e: e["order"])[:limit]
+    return [{k: v for k, v in e.items() if k != "order"} for e in ordered]
 
 
 def _sum_counters(counters) -> dict[str, int]:

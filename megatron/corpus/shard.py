@@ -55,7 +55,7 @@ class ShardStats:
     decontaminated_docs: int = 0
     decontaminated_chars: int = 0
 
-    def add(self, result: DocumentResult, source: str) -> None:
+    def add(self, result: DocumentResult, source: str, order: tuple[int, int]) -> None:
         for stage, bytes_in, bytes_out in result.passed:
             counts = self.stages[stage]
             counts[0] += 1
@@ -80,7 +80,7 @@ class ShardStats:
                     else f"cut into {len(result.pieces)} pieces"
                 )
                 self.decontaminated.append(
-                    {"source": source, "action": action, "removed_chars": result.removed_chars,
+                    {"order": list(order), "source": source, "action": action, "removed_chars": result.removed_chars,
                      "matched": [m[:300] for m in result.matched[:3]]}
                 )  # fmt: skip
 
@@ -171,7 +171,7 @@ def run_shard(
         for item, result in _results(config, ngrams, shard_items(config, index, count), workers):
             if isinstance(result, str):
                 raise CorpusError(result)
-            stats.add(result, item[0])
+            stats.add(result, item[0], (item[1], item[2]))
             for piece in result.pieces:
                 out.write(piece.line)
                 meta.write(np.array([(piece.ordinal, piece.exact, piece.text_bytes)], META_DTYPE).tobytes())
