@@ -35,9 +35,8 @@ def load_shards(
     width = config.minhash.num_perm if config.dedup else 0
     for i in range(count):
         metas.append(np.fromfile(shard_path(folder, i, count, "meta"), dtype=META_DTYPE))
-        signatures.append(
-            np.fromfile(shard_path(folder, i, count, "sig"), dtype=np.uint32).reshape(-1, width)
-        )
+        values = np.fromfile(shard_path(folder, i, count, "sig"), dtype=np.uint32)
+        signatures.append(values.reshape(len(metas[-1]), width))
         with open(shard_path(folder, i, count, "json")) as file:
             reports.append(json.load(file))
     return metas, np.concatenate(signatures), reports
