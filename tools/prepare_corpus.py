@@ -60,7 +60,12 @@ def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     group.add_argument("--no-clean", action="store_true", help="Skip ftfy repair and boilerplate removal.")
     group.add_argument("--no-language-filter", action="store_true", help="Keep every language.")
     group.add_argument("--languages", nargs="+", default=["en"], help="ISO 639-1 codes to keep.")
-    group.add_argument("--language-threshold", type=float, default=0.65, help="Least language probability.")
+    group.add_argument(
+        "--language-threshold",
+        type=float,
+        default=0.3,
+        help="Least probability of the language (measured: benchmarks/corpus_langid.py).",
+    )
     group.add_argument("--no-dedup", action="store_true", help="Skip exact and fuzzy deduplication.")
     defaults = MinHashConfig()
     group.add_argument("--minhash-ngram", type=int, default=defaults.ngram, help="Words per shingle.")

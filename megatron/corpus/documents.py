@@ -37,7 +37,7 @@ class CorpusConfig:
     clean: bool = True
     language_filter: bool = True
     languages: tuple[str, ...] = ("en",)
-    language_threshold: float = 0.65
+    language_threshold: float = 0.3
     quality_filter: bool = True
     quality: QualityThresholds = field(default_factory=QualityThresholds)
     decontaminate: tuple[str, ...] = ()

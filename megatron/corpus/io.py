@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 import tempfile
@@ -28,38 +27,58 @@ def require(module: str, package: str) -> Any:
         raise CorpusError(f"the corpus tools need the '{package}' package: {EXTRA_HINT}") from None
 
 
-def open_binary(path: str) -> IO[bytes]:
-    """`path` as a binary stream; `.gz` and `.zst` are decompressed on the fly."""
-    try:
-        raw = open(path, "rb")  # noqa: SIM115 - returned to the caller, who closes it
-    except OSError as error:
-        raise CorpusError(f"{path}: cannot open: {error.strerror}") from None
+def _zstd_chunks(path: str, raw: IO[bytes]) -> Iterator[bytes]:
+    """Decompressed data of a .zst file (one or more frames); a truncated last frame is an error."""
+    zstd = require("zstandard", "zstandard")
+    decompressor, pending = zstd.ZstdDecompressor().decompressobj(), False
+    while chunk := raw.read(1 << 20):
+        while chunk:
+            yield decompressor.decompress(chunk)
+            pending = not decompressor.eof
+            chunk = decompressor.unused_data if decompressor.eof else b""
+            if decompressor.eof:
+                decompressor = zstd.ZstdDecompressor().decompressobj()
+    if pending:
+        raise EOFError("the compressed data ends in the middle of a frame")
+
+
+def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    rest = b""
+    for chunk in chunks:
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        yield from (line + b"\n" for line in lines)
+    if rest:
+        yield rest
+
+
+def raw_lines(path: str, raw: IO[bytes]) -> Iterator[bytes]:
+    """The lines of an open file; `.gz` and `.zst` are decompressed on the fly."""
     if path.endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw, mode="rb")
-    if path.endswith(".zst"):
-        zstd = require("zstandard", "zstandard")
-        return io.BufferedReader(zstd.ZstdDecompressor().stream_reader(raw, closefd=True))
-    return raw
+        yield from gzip.GzipFile(fileobj=raw, mode="rb")
+    elif path.endswith(".zst"):
+        yield from _lines(_zstd_chunks(path, raw))
+    else:
+        yield from raw
 
 
 def numbered_lines(path: str) -> Iterator[tuple[int, bytes]]:
     """(line number, line) for each non-blank line of `path`; unreadable data is a CorpusError."""
+    try:
+        raw = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as error:
+        raise CorpusError(f"{path}: cannot open: {error.strerror}") from None
     line_number = 0
-    with open_binary(path) as file:
+    with raw:
         try:
-            for line_number, line in enumerate(file, start=1):  # noqa: B007 - used in the error
+            for line_number, line in enumerate(raw_lines(path, raw), start=1):  # noqa: B007 - used below
                 if line.strip():
                     yield line_number, line
-        except (OSError, EOFError, ValueError) as error:
-            # zstandard raises ZstdError (a subclass of Exception only): caught by name below.
-            raise CorpusError(
-                f"{path}:{line_number + 1}: cannot read (corrupt or truncated file?): {error}"
-            ) from None
-        except Exception as error:
-            if type(error).__name__ != "ZstdError":
+        except Exception as error:  # gzip: OSError/EOFError; zstandard: ZstdError (an Exception)
+            if not isinstance(error, (OSError, EOFError, ValueError)) and type(error).__name__ != "ZstdError":
                 raise
             raise CorpusError(
-                f"{path}:{line_number + 1}: cannot read (corrupt .zst file?): {error}"
+                f"{path}:{line_number + 1}: cannot read (corrupt or truncated compressed file?): {error}"
             ) from None
 
 
