@@ -84,10 +84,10 @@ def test_quality_rules_on_real_and_broken_text():
     assert quality_failure(good, t) is None
     assert quality_failure("the cat and the dog", t) == "word_count"
     assert quality_failure(" ".join(["#tag"] * 60) + " " + good, t) == "symbol_word_ratio"
-    assert (
-        quality_failure("\n".join(f"line {i} of the story, and so it goes on and on for a while longer..." for i in range(40)), t)
-        == "ellipsis_lines"
+    trailing = "\n".join(
+        f"line {i} of the story, and so it goes on and on for a while longer..." for i in range(40)
     )
+    assert quality_failure(trailing, t) == "ellipsis_lines"
     lines = good.split(". ")
     assert quality_failure("\n".join(lines + lines), t) == "duplicate_lines"
     assert quality_failure(" ".join(["1234 5678 9012 3456 the of"] * 30), t) == "alpha_words"
