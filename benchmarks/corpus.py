@@ -9,7 +9,8 @@ test passages (../shared/data), then copies of all of them with 5-10% of the wor
 inserted until the corpus reaches --target-mb. The copies are the planted near-duplicates: recall is the
 fraction of copies removed, precision the fraction of removed documents that are copies.
 
-Timed, per worker count: (1) the whole default pipeline (clean, language, quality, exact + fuzzy dedup),
+Timed, per worker count, in wall time and in CPU time of all processes (the robust figure on a shared
+machine): (1) the whole default pipeline (clean, language, quality, exact + fuzzy dedup),
 the shard stage and the merge separately; (2) dedup only (--no-clean --no-language-filter
 --no-quality-filter); (3) datatrove's four MinHash stages (signature, buckets, cluster, filter; reading and
 writing JSONL, as in its example) with the same shingles (word 2-grams of its simplified text split at
@@ -26,6 +27,7 @@ import json
 import os
 import random
 import re
+import resource
 import subprocess
 import sys
 import tarfile
@@ -81,6 +83,12 @@ def build_corpus(folder: Path, target_mb: float) -> tuple[Path, int]:
     return path, len(base)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (worker pools are joined before a run returns)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def score(kept_lines: list[int], total: int, originals: int) -> tuple[float, float]:
     """(recall, precision) of removing the copies (line numbers > originals are copies)."""
     removed = set(range(1, total + 1)) - set(kept_lines)
@@ -90,8 +98,10 @@ def score(kept_lines: list[int], total: int, originals: int) -> tuple[float, flo
     return recall, precision
 
 
-def run_ours(corpus: Path, folder: Path, workers: int, flags: list[str]) -> tuple[float, list[int], int]:
-    """(seconds, kept line numbers, input documents) of one prepare_corpus run; ids are line numbers."""
+def run_ours(
+    corpus: Path, folder: Path, workers: int, flags: list[str]
+) -> tuple[float, list[int], int, dict]:
+    """(seconds, kept line numbers, input documents, report) of one prepare_corpus run; ids are line numbers."""
     tagged = folder / "tagged.jsonl"
     if not tagged.exists():
         with open(corpus, encoding="utf-8") as src, open(tagged, "w", encoding="utf-8") as dst:
@@ -115,7 +125,8 @@ def run_ours(corpus: Path, folder: Path, workers: int, flags: list[str]) -> tupl
     seconds = time.perf_counter() - start
     with open(out, encoding="utf-8") as file:
         kept = [json.loads(line)["id"] for line in file]
-    return seconds, kept, json.loads(report.read_text())["stages"]["read"]["docs_in"]
+    data = json.loads(report.read_text())
+    return seconds, kept, data["stages"]["read"]["docs_in"], data
 
 
 def split_tokenizer():
@@ -192,11 +203,12 @@ def per_stage(corpus: Path, count: int = 2000) -> None:
     }
     print(f"\nper-document stages, one process, first {count} documents ({megabytes:.1f} MB):")
     for name, stage in stages.items():
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for doc in docs:
             stage(doc)
-        seconds = time.perf_counter() - start
-        print(f"  {name:<34}{count / seconds:>10.0f} docs/s {megabytes / seconds:>8.2f} MB/s")
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        print(f"  {name:<34}{count / seconds:>8.0f} docs/s {megabytes / seconds:>6.2f} MB/s wall; "
+              f"{count / cpu:>6.0f} docs/s {megabytes / cpu:>6.2f} MB/s per CPU second")  # fmt: skip
 
 
 def main() -> None:
@@ -216,21 +228,32 @@ def main() -> None:
         ]
         for workers in args.workers:
             for name, flags in runs:
-                seconds, kept, total = run_ours(corpus, folder, workers, flags)
-                recall, precision = score(kept, total, originals)
-                print(f"RESULT ours {name:<14} workers={workers}: {total} docs, {megabytes:.1f} MB in {seconds:.1f} s = "
-                      f"{total / seconds:.0f} docs/s, {megabytes / seconds:.2f} MB/s; copies removed: recall "
-                      f"{recall:.4f}, precision {precision:.4f}")  # fmt: skip
+                cpu = cpu_seconds()
+                seconds, kept, total, report = run_ours(corpus, folder, workers, flags)
+                line = _rates(f"ours {name}", workers, total, megabytes, seconds, cpu_seconds() - cpu)
+                if flags:  # dedup only: every removed document was removed as a duplicate
+                    recall, precision = score(kept, total, originals)
+                    line += f"; copies removed: recall {recall:.4f}, precision {precision:.4f}"
+                else:
+                    line += "; documents out per stage: " + ", ".join(
+                        f"{stage} {s['docs_out']}" for stage, s in report["stages"].items() if s["docs_in"]
+                    )
+                print(line, flush=True)
             if not args.no_datatrove:
-                seconds, kept = (
-                    run_datatrove(corpus, folder / f"dt{workers}", workers)
-                    if (folder / f"dt{workers}").mkdir() is None
-                    else (0, [])
-                )
+                (folder / f"dt{workers}").mkdir()
+                cpu = cpu_seconds()
+                seconds, kept = run_datatrove(corpus, folder / f"dt{workers}", workers)
                 recall, precision = score(kept, total, originals)
-                print(f"RESULT datatrove minhash   workers={workers}: {total} docs in {seconds:.1f} s = "
-                      f"{total / seconds:.0f} docs/s, {megabytes / seconds:.2f} MB/s; recall {recall:.4f}, "
-                      f"precision {precision:.4f}")  # fmt: skip
+                line = _rates("datatrove minhash", workers, total, megabytes, seconds, cpu_seconds() - cpu)
+                print(f"{line}; copies removed: recall {recall:.4f}, precision {precision:.4f}", flush=True)
+
+
+def _rates(name: str, workers: int, docs: int, megabytes: float, seconds: float, cpu: float) -> str:
+    return (
+        f"RESULT {name:<24} workers={workers}: {docs} docs, {megabytes:.1f} MB in {seconds:.1f} s wall = "
+        f"{docs / seconds:.0f} docs/s, {megabytes / seconds:.2f} MB/s; {cpu:.1f} CPU s = "
+        f"{megabytes / cpu:.2f} MB per CPU second"
+    )
 
 
 if __name__ == "__main__":
