@@ -168,3 +168,15 @@ def test_a_missing_library_names_the_package_to_install(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"need the 'ftfy' package: pip install -e '\.\[corpus\]'"):
         prepare(tmp_path, [corpus], "--workers", "2")
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_error_in_a_worker_ends_the_run_cleanly(tmp_path):
+    texts = wikitext_paragraphs(limit=300)
+    path = write_jsonl(tmp_path / "in.jsonl", texts)
+    with open(path, "a") as file:
+        file.write('{"text": "unterminated\n')
+    with pytest.raises(SystemExit, match=rf"in\.jsonl:{len(texts) + 1}: malformed JSON"):
+        prepare(tmp_path, [path], "--no-quality-filter", "--workers", "2")
+    assert not (tmp_path / "out.jsonl").exists() and not list(tmp_path.glob(".*"))
+    with pytest.raises(SystemExit):
+        prepare(tmp_path, [path], "--no-quality-filter", name="in")  # --output would overwrite the input

@@ -110,6 +110,8 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             path = getattr(args, flag)
             if path is None:
                 parser.error(f"--{flag} is required")
+            if any(os.path.exists(path) and os.path.samefile(path, p) for p in args.input):
+                parser.error(f"--{flag} {path} is one of the inputs")
             if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
                 parser.error(f"--{flag}: directory of {path} does not exist")
     if args.workers < 1:
