@@ -20,9 +20,9 @@ multiplied by coeff, so the clipped norm is max_norm (up to the 1e-6).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from megatron.parallel.collectives import all_reduce
 from megatron.parallel.state import ParallelState
 
 
@@ -43,8 +43,7 @@ def grad_norm_and_found_inf(
         # Where selects the counted squares without multiplying a nan/inf by 0 (which would give nan).
         stats[0] = torch.where(counted, norms.square(), torch.zeros_like(norms)).sum()
         stats[1] = (~torch.isfinite(norms)).sum()
-    if parallel.tp_size > 1:
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=parallel.tp_group)
+    all_reduce(stats, parallel.tp_group)
     sum_of_squares, num_nonfinite = stats.tolist()
     return sum_of_squares**0.5, num_nonfinite > 0
 
