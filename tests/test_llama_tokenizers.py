@@ -1,7 +1,8 @@
 """Tokenizers as Llama uses them: Megatron's Llama2Tokenizer (a SentencePiece model, BOS prepended, eod = EOS)
 gives transformers' LlamaTokenizer ids; a Llama-style tokenizer.json (HuggingFaceTokenizer) adds <s> and
 ends documents with </s>; both preprocess to <s> ... </s> documents and train through pretrain_gpt; the
-exported Hugging Face folder carries a tokenizer that gives the same ids."""
+exported Hugging Face folder carries a tokenizer that gives the same ids; an imported HF Llama loaded as
+tools/generate.py loads it generates greedily exactly as transformers does."""
 
 from __future__ import annotations
 
@@ -159,3 +160,46 @@ def test_tokenizer_json_travels_through_import_and_export(hf_llama_tokenizer, tm
     assert exported.eos_token_id == 2
     for text in TEXTS:
         assert exported(text)["input_ids"] == ours.tokenize(text)
+
+
+def test_imported_llama_generates_like_transformers(hf_llama_tokenizer, tmp_path):
+    """An HF Llama (with its tokenizer.json) imported and loaded the way tools/generate.py loads it (model and
+    tokenizer from the checkpoint's args) continues a prompt greedily with the KV cache exactly as
+    transformers' generate() does."""
+    import argparse
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron.text_generation import (
+        GREEDY,
+        add_inference_args,
+        generate,
+        inference_args,
+        load_model_for_inference,
+    )
+    from tools.checkpoint import import_hf_llama
+
+    vocab = HuggingFaceTokenizer(str(hf_llama_tokenizer)).vocab_size
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in hf.named_parameters():  # large weights: peaked logits, no argmax ties
+            param.copy_(torch.randn_like(param) * 0.5 + (1.0 if "norm" in name else 0.0))
+    hf.save_pretrained(tmp_path / "hf")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(hf_llama_tokenizer / name, tmp_path / "hf" / name)
+    import_hf_llama.main(["--hf-dir", str(tmp_path / "hf"), "--save", str(tmp_path / "ckpt")])
+
+    cli = add_inference_args(argparse.ArgumentParser()).parse_args(["--load", str(tmp_path / "ckpt")])
+    model, tokenizer, parallel = load_model_for_inference(inference_args(cli))
+    prompt = tokenizer.tokenize("the quick brown fox")
+    ours = generate(model, [prompt], 12, parallel, GREEDY, vocab_size=tokenizer.vocab_size, eod=tokenizer.eod)
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt) :]
+    assert ours.generated()[0] == theirs.tolist()
+    assert len(set(theirs.tolist())) >= 3
