@@ -15,17 +15,14 @@ in backward: 2 + 2 all-reduces.
 
 `group` None, or a group of size 1, makes every function the identity.
 
-Counting all-reduces: inside `with count_all_reduces() as counter:` every all-reduce made by f (in
-backward) and g (in forward) increments `counter.backward` or `counter.forward`; run the backward pass
-inside the block to count it. Outside such a block nothing is counted, and with a group of size 1 no
-all-reduce happens, so none is counted.
+As in Megatron-LM, the all-reduces work in place, without a copy of the activation: g sums its input
+tensor itself (pass a tensor nothing else reads, such as a GEMM's output; autograd is told it was
+modified), and f's backward sums the incoming gradient. Tests count collectives by patching
+torch.distributed (tests/collectives.py), so nothing here is instrumented.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -33,47 +30,15 @@ import torch.distributed as dist
 from torch import Tensor
 
 
-@dataclass
-class AllReduceCounter:
-    """Number of activation all-reduces (forward) and gradient all-reduces (backward) done by f and g."""
-
-    forward: int = 0
-    backward: int = 0
-    enabled: bool = False
-
-
-ALLREDUCE_COUNTER = AllReduceCounter()
-
-
-@contextmanager
-def count_all_reduces() -> Iterator[AllReduceCounter]:
-    """Reset ALLREDUCE_COUNTER, count all-reduces made by f and g inside the block, and yield the counter."""
-    previously_enabled = ALLREDUCE_COUNTER.enabled
-    ALLREDUCE_COUNTER.forward = ALLREDUCE_COUNTER.backward = 0
-    ALLREDUCE_COUNTER.enabled = True
-    try:
-        yield ALLREDUCE_COUNTER
-    finally:
-        ALLREDUCE_COUNTER.enabled = previously_enabled
-
-
 def group_size(group: Optional[dist.ProcessGroup]) -> int:
     """Number of ranks in `group`; 1 for None (no communication)."""
     return 1 if group is None else dist.get_world_size(group)
 
 
-def _all_reduce(x: Tensor, group: Optional[dist.ProcessGroup], in_backward: bool) -> Tensor:
-    """Sum of x over the group, in a new tensor (x itself is left untouched)."""
-    if group_size(group) == 1:
-        return x
-    if ALLREDUCE_COUNTER.enabled:
-        if in_backward:
-            ALLREDUCE_COUNTER.backward += 1
-        else:
-            ALLREDUCE_COUNTER.forward += 1
-    out = x.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(out, group=group)
-    return out
+def _all_reduce_(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """x <- sum of x over the group, in place (x contiguous); returns x."""
+    dist.all_reduce(x, group=group)
+    return x
 
 
 def _split_last_dim(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
@@ -109,7 +74,7 @@ class _CopyToRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _all_reduce(grad, ctx.group, in_backward=True), None
+        return _all_reduce_(grad.contiguous(), ctx.group), None
 
 
 class _ReduceFromRegion(torch.autograd.Function):
@@ -117,7 +82,10 @@ class _ReduceFromRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
-        return _all_reduce(x, group, in_backward=False)
+        if not x.is_contiguous():
+            return _all_reduce_(x.contiguous(), group)
+        ctx.mark_dirty(x)
+        return _all_reduce_(x, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
@@ -158,7 +126,7 @@ def copy_to_tensor_model_parallel_region(x: Tensor, group: Optional[dist.Process
 
 
 def reduce_from_tensor_model_parallel_region(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
-    """g: Y = all-reduce(X) in forward; dL/dX = dL/dY in backward."""
+    """g: Y = all-reduce(X) in forward (X itself is overwritten when contiguous); dL/dX = dL/dY in backward."""
     if group_size(group) == 1:
         return x
     return _ReduceFromRegion.apply(x, group)
