@@ -30,7 +30,8 @@ import numpy as np
 BLOCKS = 32_768  # blocks run side by side: enough that one numpy call per step is cheap per sample
 MIN_BLOCK = 1_024
 WARMUP = 64
-OUT_STEPS = 64  # steps buffered before being written out, block by block
+OUT_STEPS = 256  # steps buffered before being written out, block by block
+WRITE_COLUMNS = 256  # blocks written out at a time: 256 x 256 int64 = 512 KiB, within a core's cache
 
 
 def blend_sequential(
@@ -80,6 +81,7 @@ def _speculate(
     flat_counts = counts.reshape(-1)
     x = (starts - warmup).astype(np.float64)
     column = np.arange(num, dtype=np.int64)
+    row_start = np.arange(K, dtype=np.int64) * num
     w = weights[:, None]
     small = np.int16 if K < 2**15 else np.int64
     rank = (K - np.arange(K, dtype=small))[:, None]  # K for dataset 0 ... 1 for the last
@@ -97,7 +99,7 @@ def _speculate(
         np.multiply(tie, rank, out=key)  # the first k reaching the maximum has the largest rank
         np.max(key, axis=0, out=index)
         np.subtract(small(K), index, out=index)
-        np.multiply(index, np.int64(num), out=where)  # flat position of counts[index, block]
+        np.take(row_start, index, out=where)  # flat position of counts[index, block]
         np.add(where, column, out=where)
         np.take(flat_counts, where, out=position)
         flat_counts[where] = position + 1.0
@@ -108,9 +110,18 @@ def _speculate(
             out_position[step % OUT_STEPS] = position
             if step % OUT_STEPS == OUT_STEPS - 1 or step == block - 1:
                 first = step - step % OUT_STEPS
-                chosen[:, first : step + 1] = out_index[: step - first + 1].T
-                positions[:, first : step + 1] = out_position[: step - first + 1].T
+                _write_transposed(chosen, out_index[: step - first + 1], first)
+                _write_transposed(positions, out_position[: step - first + 1], first)
     return start_counts, counts.T.copy()
+
+
+def _write_transposed(out: np.ndarray, buffer: np.ndarray, first: int) -> None:
+    """out[b, first + t] = buffer[t, b], a slab of columns at a time so that the reads stay in cache (a
+    plain transposed assignment reads the buffer with a stride of a whole row per element)."""
+    steps = buffer.shape[0]
+    for start in range(0, buffer.shape[1], WRITE_COLUMNS):
+        stop = start + WRITE_COLUMNS
+        out[start:stop, first : first + steps] = buffer[:, start:stop].T
 
 
 def _repair(
