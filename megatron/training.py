@@ -355,11 +355,12 @@ def _pretrain(
 ) -> dict:
     start_time = time.time()
     parallel = initialize_megatron(args)
-    run = RunState.from_tokenizer(build_tokenizer(args), args)
+    tokenizer = build_tokenizer(args)
+    run = RunState.from_tokenizer(tokenizer, args)
     print_rank_0(
         parallel,
         f"> world size {args.world_size}: tensor-parallel {parallel.tp_size} x data-parallel {parallel.dp_size}; "
-        f"vocab padded to {run.padded_vocab_size}",
+        f"vocab {tokenizer.vocab_size} padded to {run.padded_vocab_size}",
     )
     model, optimizer, scheduler = setup_model_and_optimizer(model_provider, args, parallel, run)
     if args.load:
