@@ -250,6 +250,16 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
         help="All-reduce gradients after the backward pass instead of overlapping with it.",
     )
     g.add_argument("--ddp-bucket-size", type=int, default=40_000_000, help="Elements per gradient bucket.")
+    g.add_argument(
+        "--use-distributed-optimizer",
+        action="store_true",
+        help="ZeRO-1: shard the fp32 main weights and Adam state over the data-parallel group.",
+    )
+    g.add_argument(
+        "--overlap-param-gather",
+        action="store_true",
+        help="Overlap the distributed optimizer's parameter all-gather with the next forward pass.",
+    )
 
 
 def _add_validation_args(parser: argparse.ArgumentParser) -> None:
@@ -471,6 +481,14 @@ def validate_args(
 
     if args.fp16 and args.bf16:
         fail("--fp16 and --bf16 are mutually exclusive")
+    if args.use_distributed_optimizer and args.optimizer != "adam":
+        fail(
+            f"--use-distributed-optimizer shards Adam's state only: --optimizer {args.optimizer} cannot be sharded"
+        )
+    if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
+        fail(
+            "--overlap-param-gather needs --use-distributed-optimizer (and the default --overlap-grad-reduce)"
+        )
     if args.loss_scale is not None and not args.fp16:
         fail("--loss-scale only applies with --fp16")
     args.params_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32

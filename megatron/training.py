@@ -76,6 +76,7 @@ def optimizer_config_from_args(args: argparse.Namespace) -> OptimizerConfig:
         min_loss_scale=args.min_loss_scale,
         loss_scale_window=args.loss_scale_window,
         hysteresis=args.hysteresis,
+        use_distributed_optimizer=args.use_distributed_optimizer,
     )
 
 
@@ -245,7 +246,12 @@ def setup_model_and_optimizer(
     if torch.cuda.is_available():
         model = model.cuda()
     model = DistributedDataParallel(
-        model, parallel, bucket_size=args.ddp_bucket_size, overlap_grad_reduce=args.overlap_grad_reduce
+        model,
+        parallel,
+        bucket_size=args.ddp_bucket_size,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_param_gather=args.overlap_param_gather,
     )
     optimizer = build_optimizer(model, optimizer_config_from_args(args), parallel)
     scheduler = build_scheduler(optimizer, args)
@@ -398,6 +404,7 @@ def _train_loop(
 
     def save(it: int) -> None:
         if args.save:
+            model.finish_param_gather()  # the weights must be complete before they are written
             save_checkpoint(it, model.module, optimizer, scheduler, args, parallel, args.save)
 
     model.train()
@@ -452,4 +459,5 @@ def _train_loop(
             return iteration
     if args.save and not (args.save_interval and iteration % args.save_interval == 0):
         save(iteration)
+    model.finish_param_gather()
     return iteration
