@@ -251,6 +251,11 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--ddp-bucket-size", type=int, default=40_000_000, help="Elements per gradient bucket.")
     g.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="With tensor parallelism: layernorm, dropout and residual on s/t of the sequence each.",
+    )
+    g.add_argument(
         "--use-distributed-optimizer",
         action="store_true",
         help="ZeRO-1: shard the fp32 main weights and Adam state over the data-parallel group.",
@@ -392,6 +397,15 @@ def validate_args(
             f"--pipeline-model-parallel-size {pp}"
         )
     args.data_parallel_size = args.world_size // (tp * pp)
+    if args.sequence_parallel and tp == 1:
+        if launcher_ranks()[0] == 0:
+            print("note: --sequence-parallel ignored: it needs --tensor-model-parallel-size > 1", flush=True)
+        args.sequence_parallel = False
+    if args.sequence_parallel and args.seq_length % tp != 0:
+        fail(
+            f"--sequence-parallel splits the sequence over the tensor-parallel ranks: --seq-length "
+            f"{args.seq_length} is not divisible by --tensor-model-parallel-size {tp}"
+        )
     if args.distributed_backend == "nccl" and args.world_size > 1 and not torch.cuda.is_available():
         fail(
             "--distributed-backend nccl needs CUDA GPUs, and none is visible: use --distributed-backend gloo"
@@ -575,5 +589,6 @@ def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
         position_embedding_type=args.position_embedding_type,
         embedding_layernorm=args.embedding_layernorm,
         recompute_granularity=args.recompute_granularity,
+        sequence_parallel=args.sequence_parallel,
         params_dtype=args.params_dtype,
     )

@@ -36,7 +36,6 @@ NO_EFFECT_VALUE = {
 }
 # flag -> what is missing, for flags whose result this project cannot produce.
 UNSUPPORTED = {
-    "--sequence-parallel": "sequence parallelism is not implemented (tensor and data parallelism only)",
     "--swiglu": "the MLP is GeLU only",
     "--untie-embeddings-and-output-weights": "the output layer is always tied to the word embeddings",
     "--use-rotary-position-embeddings": "positions are learned absolute or ALiBi",

@@ -45,6 +45,11 @@ gives every rank the updated weights (`start_param_gather`). With `overlap_param
 run asynchronously and a forward pre-hook on each module waits only for the buckets holding that
 module's parameters, so the gather overlaps with the next forward pass.
 
+Sequence parallelism. A parameter marked `sequence_parallel` (duplicated over TP but applied to this
+rank's s/t positions only: layernorms, row-parallel biases) has on each TP rank the gradient of its own
+positions; `finish_grad_sync()` completes it with one all-reduce (SUM) over the TP group of all such
+gradients, flattened together, after the DP reduction (both are sums, so the order does not matter).
+
 One training iteration:
 
     ddp.zero_grad_buffer()
@@ -167,6 +172,7 @@ class DistributedDataParallel(nn.Module):
         self._sync_enabled = True
 
         params = [p for p in module.parameters() if p.requires_grad][::-1]
+        self._sequence_parallel_params = [p for p in params if getattr(p, "sequence_parallel", False)]
         groups = _bucket_param_lists(params, bucket_size)
         multiple = parallel.dp_size if use_distributed_optimizer else 1
         sizes = [-(-sum(p.numel() for p in g) // multiple) * multiple for g in groups]  # padded up
@@ -239,16 +245,28 @@ class DistributedDataParallel(nn.Module):
             self._sync_enabled = previous
 
     def finish_grad_sync(self) -> None:
-        """Launch the all-reduces not yet started and wait for all; then main_grad is DP-averaged."""
-        if self.parallel.dp_size == 1:
+        """Launch the DP reductions not yet started and wait for all; then main_grad is DP-averaged.
+        Then the gradients of sequence-parallel parameters are summed over the TP group."""
+        if self.parallel.dp_size > 1:
+            for bucket in self.buckets:
+                if not bucket.reduced:
+                    bucket.launch_reduce(self.parallel)
+            for bucket in self.buckets:
+                if bucket.handle is not None:
+                    bucket.handle.wait()
+                    bucket.handle = None
+        self._all_reduce_sequence_parallel_grads()
+
+    def _all_reduce_sequence_parallel_grads(self) -> None:
+        """main_grad <- sum over TP ranks of main_grad, for every parameter marked `sequence_parallel`."""
+        grads = [param.main_grad for param in self._sequence_parallel_params]
+        if not grads or self.parallel.tp_group is None:
             return
-        for bucket in self.buckets:
-            if not bucket.reduced:
-                bucket.launch_reduce(self.parallel)
-        for bucket in self.buckets:
-            if bucket.handle is not None:
-                bucket.handle.wait()
-                bucket.handle = None
+        flat = torch.cat([grad.view(-1) for grad in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.parallel.tp_group)
+        torch._foreach_copy_(
+            grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        )
 
     def start_param_gather(self) -> None:
         """All-gather every bucket's updated parameter shards (distributed optimizer): asynchronously with

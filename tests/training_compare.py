@@ -28,6 +28,11 @@ TINY = (
     "--mock-data --tokenizer-type NullTokenizer --vocab-size 200"
 ).split()
 NO_DROPOUT = "--hidden-dropout 0 --attention-dropout 0".split()
+# The gradient of the key bias is zero in exact arithmetic (softmax ignores a per-query constant), so in
+# floating point it is rounding noise, which Adam with a tiny eps turns into lr-sized steps that differ
+# with the summation order of a reduction (reduce-scatter vs all-reduce, sequence split or not). eps =
+# 1e-5 keeps such noise (~1e-10) from moving weights while real gradients' updates keep their character.
+ADAM_EPS = ["--adam-eps", "1e-5"]
 
 
 @torch.no_grad()

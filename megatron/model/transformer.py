@@ -14,10 +14,19 @@ kernels; the maths is the same and batch-first reads more naturally). With p ten
                 heads, and the output projection is a RowParallelLinear (heads * head_dim -> h): again one
                 all-reduce forward (g) and one backward (f).
 
-So a layer does exactly two all-reduces in forward and two in backward. Layernorm, hidden dropout and the
+So a layer does exactly two all-reduces in forward and two in backward (with sequence parallelism, two
+all-gathers and two reduce-scatters each way instead: see "Sequence parallelism" below). Layernorm, hidden dropout and the
 residual additions are duplicated on every TP rank (they see identical inputs and use the same RNG
 stream); attention dropout acts on this rank's heads only, so it draws from the TP-rank-specific stream of
 `get_rng_tracker().fork()`.
+
+Sequence parallelism (config.sequence_parallel, TP > 1; Korthikanti et al. 2022): between the TP regions
+each rank holds x[:, s/p positions] only, so layernorms, hidden dropout and residual additions work on
+s/p of the sequence; the column-parallel GEMMs all-gather the sequence and the row-parallel ones
+reduce-scatter it (megatron.parallel.layers). Hidden dropout then acts on positions that differ per rank,
+so it draws from the TP-rank-specific stream, like attention dropout. The parameters used on s/p of the
+sequence while duplicated over TP (layernorms, row-parallel biases) are marked `sequence_parallel`: each
+rank's gradient is a partial sum over its positions, completed by an all-reduce over TP.
 
 Attention masks are passed as `allowed`: None, or a boolean tensor broadcastable to [batch, heads, seq, seq]
 that is True where a query may attend to a key (torch's scaled_dot_product_attention convention). Causality
@@ -204,6 +213,7 @@ class ParallelAttention(nn.Module):
             gather_output=False,
             init_std=config.init_method_std,
             params_dtype=config.params_dtype,
+            sequence_parallel=config.sequence_parallel,
         )
         self.core_attention = CoreAttention(config, parallel, causal)
         self.dense = RowParallelLinear(
@@ -213,6 +223,7 @@ class ParallelAttention(nn.Module):
             input_is_parallel=True,
             init_std=config.output_layer_init_std,
             params_dtype=config.params_dtype,
+            sequence_parallel=config.sequence_parallel,
         )
 
     def forward(
@@ -222,8 +233,8 @@ class ParallelAttention(nn.Module):
 
         With `inference_params` the keys and values of x join the cache and the queries of x attend over
         every cached position."""
-        batch, seq, _ = x.shape
-        qkv, _ = self.query_key_value(x)  # [batch, seq, local_heads * 3 * head_dim]
+        qkv, _ = self.query_key_value(x)  # [batch, seq, local_heads * 3 * head_dim] (the whole sequence)
+        batch, seq, _ = qkv.shape
         qkv = qkv.view(batch, seq, self.local_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
         q, k, v = qkv.unbind(0)  # each [batch, local_heads, seq, head_dim]
         if inference_params is not None:
@@ -250,6 +261,7 @@ class ParallelMLP(nn.Module):
             gather_output=False,
             init_std=config.init_method_std,
             params_dtype=config.params_dtype,
+            sequence_parallel=config.sequence_parallel,
         )
         self.dense_4h_to_h = RowParallelLinear(
             config.ffn_hidden_size,
@@ -258,6 +270,7 @@ class ParallelMLP(nn.Module):
             input_is_parallel=True,
             init_std=config.output_layer_init_std,
             params_dtype=config.params_dtype,
+            sequence_parallel=config.sequence_parallel,
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -282,6 +295,7 @@ class ParallelTransformerLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.hidden_dropout = config.hidden_dropout
+        self.sequence_parallel = config.sequence_parallel and parallel.tp_size > 1
         self.residual_from_layernorm = config.apply_residual_connection_post_layernorm
         self.fp32_residual = config.fp32_residual_connection
         self.input_layernorm = LayerNorm(
@@ -294,9 +308,13 @@ class ParallelTransformerLayer(nn.Module):
         self.mlp = ParallelMLP(config, parallel)
 
     def _residual_add(self, residual: Tensor, branch: Tensor) -> Tensor:
-        """residual + dropout(branch); the dropout mask is the same on all TP ranks (default RNG stream)."""
+        """residual + dropout(branch); the dropout mask is the same on all TP ranks (default RNG stream),
+        or, with sequence parallelism, drawn per rank for its own positions (TP-rank stream)."""
         if self.fp32_residual:
             residual = residual.float()
+        if self.sequence_parallel and self.training and self.hidden_dropout > 0:
+            with get_rng_tracker().fork():
+                return residual + F.dropout(branch, p=self.hidden_dropout, training=True)
         return residual + F.dropout(branch, p=self.hidden_dropout, training=self.training)
 
     def forward(
@@ -331,6 +349,10 @@ class ParallelTransformer(nn.Module):
         self.final_layernorm = LayerNorm(
             config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype
         )
+        if config.sequence_parallel and parallel.tp_size > 1:
+            for param in self.parameters():  # duplicated over TP, applied to s/p of the sequence
+                if not getattr(param, "tensor_model_parallel", False):
+                    param.sequence_parallel = True
 
     def forward(
         self, x: Tensor, allowed: Optional[Tensor], inference_params: Optional[InferenceParams] = None
