@@ -20,12 +20,13 @@ from megatron.data.bert_dataset import BertMaskingConfig, BertTokenIds, build_tr
 from megatron.data.mock_dataset import MockBertDataset
 from megatron.model import BertModel
 from megatron.parallel.state import ParallelState
+from megatron.run_state import RunState
 from megatron.tokenizer import build_tokenizer
 from megatron.training import pretrain
 
 
-def model_provider(args: argparse.Namespace, parallel: ParallelState) -> nn.Module:
-    config = transformer_config_from_args(args)
+def model_provider(args: argparse.Namespace, parallel: ParallelState, run: RunState) -> nn.Module:
+    config = transformer_config_from_args(args, run.padded_vocab_size)
     config.num_tokentypes = 2
     config.add_binary_head = args.bert_binary_head
     return BertModel(config, parallel, parallel_output=True)
@@ -52,7 +53,12 @@ def loss_func(
 
 
 def forward_step(
-    data_iterator: Iterator, model: nn.Module, args: argparse.Namespace, parallel: ParallelState
+    data_iterator: Iterator,
+    model: nn.Module,
+    args: argparse.Namespace,
+    parallel: ParallelState,
+    *,
+    run: RunState,
 ):
     batch = get_batch(data_iterator)
     labels = batch["labels"].clamp(min=0)  # unmasked positions carry -1 and are zeroed by the loss mask

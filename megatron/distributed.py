@@ -70,6 +70,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from megatron.parallel.collectives import all_gather_into, all_reduce, reduce_scatter_into
 from megatron.parallel.state import ParallelState
 
 
@@ -106,8 +107,8 @@ class _Bucket:
         self.data.div_(parallel.dp_size)
         if self.sharded:
             start, end = self.shard_range(parallel)
-            self.handle = dist.reduce_scatter_single(
-                self.data[start:end], self.data, op=dist.ReduceOp.SUM, group=parallel.dp_group, async_op=True
+            self.handle = reduce_scatter_into(
+                self.data[start:end], self.data, parallel.dp_group, async_op=True
             )
         else:
             self.handle = dist.all_reduce(
@@ -118,8 +119,8 @@ class _Bucket:
     def launch_param_gather(self, parallel: ParallelState) -> None:
         """Start the all-gather of every rank's shard of the parameters into the whole bucket."""
         start, end = self.shard_range(parallel)
-        self.gather_handle = dist.all_gather_single(
-            self.param_data, self.param_data[start:end], group=parallel.dp_group, async_op=True
+        self.gather_handle = all_gather_into(
+            self.param_data, self.param_data[start:end], parallel.dp_group, async_op=True
         )
 
     def wait_param_gather(self) -> None:
@@ -262,8 +263,7 @@ class DistributedDataParallel(nn.Module):
         grads = [param.main_grad for param in self._sequence_parallel_params]
         if not grads or self.parallel.tp_group is None:
             return
-        flat = torch.cat([grad.view(-1) for grad in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.parallel.tp_group)
+        flat = all_reduce(torch.cat([grad.view(-1) for grad in grads]), self.parallel.tp_group)
         torch._foreach_copy_(
             grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
         )

@@ -106,9 +106,8 @@ def _collectives_of_one_step_each(rank: int, world_size: int) -> dict[bool, tupl
 
 def _collectives_of_one_step(rank: int, world_size: int, parallel, zero: bool) -> tuple[int, dict[str, int]]:
     args = parse_args([*TINY, "--train-iters", "4"], world_size=world_size)
-    args.padded_vocab_size = 256
     model_parallel_seed(1, parallel)
-    model = GPTModel(transformer_config_from_args(args), parallel)
+    model = GPTModel(transformer_config_from_args(args, 256), parallel)
     randomise_(model, parallel)
     ddp = DistributedDataParallel(model, parallel, bucket_size=3000, use_distributed_optimizer=zero)
     optimizer = build_optimizer(ddp, OptimizerConfig(lr=1e-3, use_distributed_optimizer=zero), parallel)

@@ -19,6 +19,7 @@ from torch import nn
 import pretrain_gpt
 from megatron.checkpointing import from_megatron_state_dict
 from megatron.parallel.state import ParallelState
+from megatron.run_state import RunState
 from megatron.training import pretrain
 
 TINY = (
@@ -47,8 +48,8 @@ def randomise_(model: nn.Module, parallel: ParallelState) -> None:
         param.copy_(values.to(param.dtype))
 
 
-def randomised_gpt(args: argparse.Namespace, parallel: ParallelState) -> nn.Module:
-    model = pretrain_gpt.model_provider(args, parallel)
+def randomised_gpt(args: argparse.Namespace, parallel: ParallelState, run: RunState) -> nn.Module:
+    model = pretrain_gpt.model_provider(args, parallel, run)
     randomise_(model, parallel)
     return model
 

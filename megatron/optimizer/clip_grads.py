@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron.parallel.collectives import all_reduce
 from megatron.parallel.state import ParallelState
 
 
@@ -57,7 +58,7 @@ def grad_norm_and_found_inf(
         stats[0] = torch.where(counted, norms.square(), torch.zeros_like(norms)).sum()
         stats[1] = (~torch.isfinite(norms)).sum()
     for group in norm_reduction_groups(parallel, sharded_over_dp):
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+        all_reduce(stats, group)
     sum_of_squares, num_nonfinite = stats.tolist()
     return sum_of_squares**0.5, num_nonfinite > 0
 

@@ -46,6 +46,7 @@ from megatron.optimizer.optimizer import (
     _torch_optimizer,
     get_param_groups,
 )
+from megatron.parallel.collectives import all_gather_into, all_reduce
 from megatron.parallel.layers import param_is_not_tensor_parallel_duplicate
 from megatron.parallel.state import ParallelState
 
@@ -204,7 +205,9 @@ class DistributedOptimizer(MegatronOptimizer):
                     key: whole[key][offset : offset + param.numel()].view(param.shape).cpu().clone()
                     for key in keys
                 }
-        step = _max_over_dp(step, self.parallel).cpu()  # a rank owning no piece has no step of its own
+        step = all_reduce(
+            step.clone(), self.parallel.dp_group, dist.ReduceOp.MAX
+        ).cpu()  # a rank owning no piece has no step of its own
         return {"optimizer": self.config.optimizer, "step": step, "param_state": per_name}
 
     @torch.no_grad()
@@ -230,17 +233,8 @@ def _all_gather_over_dp(shard: Tensor, parallel: ParallelState) -> Tensor:
     if parallel.dp_group is None:
         return shard
     whole = torch.empty(shard.numel() * parallel.dp_size, dtype=shard.dtype, device=shard.device)
-    dist.all_gather_single(whole, shard.contiguous(), group=parallel.dp_group)
+    all_gather_into(whole, shard.contiguous(), parallel.dp_group)
     return whole
-
-
-def _max_over_dp(value: Tensor, parallel: ParallelState) -> Tensor:
-    """max over DP ranks of a scalar (all-reduce MAX)."""
-    if parallel.dp_group is None:
-        return value
-    value = value.clone()
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=parallel.dp_group)
-    return value
 
 
 def _restore_hyperparameters(optimizer: torch.optim.Optimizer, saved_groups: list[dict[str, Any]]) -> None:
