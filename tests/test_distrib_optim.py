@@ -99,13 +99,15 @@ def test_dp4_matches_plain_optimizer_with_dropout(tmp_path):
 # --- collectives ---------------------------------------------------------------------------------------
 
 
-def _collectives_of_one_step_each(rank: int, world_size: int) -> dict[bool, tuple[int, dict[str, int]]]:
+def _one_step_each(rank: int, world_size: int) -> dict[bool, tuple]:
     parallel = initialize_model_parallel(1)
-    return {zero: _collectives_of_one_step(rank, world_size, parallel, zero) for zero in (False, True)}
+    return {zero: _one_step(rank, parallel, zero) for zero in (False, True)}
 
 
-def _collectives_of_one_step(rank: int, world_size: int, parallel, zero: bool) -> tuple[int, dict[str, int]]:
-    args = parse_args([*TINY, "--train-iters", "4"], world_size=world_size)
+def _one_step(rank: int, parallel, zero: bool) -> tuple[int, dict[str, int], float, bool]:
+    """(buckets, collectives of one iteration, its grad norm, whether the next step, with an inf in
+    DP rank 1's part of the gradient only, was applied)."""
+    args = parse_args([*TINY, "--train-iters", "4"], world_size=parallel.dp_size)
     model_parallel_seed(1, parallel)
     model = GPTModel(transformer_config_from_args(args, 256), parallel)
     randomise_(model, parallel)
@@ -114,23 +116,36 @@ def _collectives_of_one_step(rank: int, world_size: int, parallel, zero: bool) -
     assert isinstance(optimizer, DistributedOptimizer) == zero
     tokens = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(rank))
     positions = torch.arange(32).expand(2, 32)
-    with count_distributed_calls() as calls:
+
+    def backward() -> None:
         optimizer.zero_grad()
         ddp(tokens, positions, labels=tokens).mean().backward()
         ddp.finish_grad_sync()
-        assert optimizer.step()[0]
-    return len(ddp.buckets), collectives(calls)
+
+    with count_distributed_calls() as calls:
+        backward()
+        applied, grad_norm, _ = optimizer.step()
+    assert applied
+    if not zero:
+        return len(ddp.buckets), collectives(calls), grad_norm, True
+    backward()
+    if rank == 1:  # the last element of rank 1's shard of the gradient; rank 0 never sees it
+        optimizer._main_grads()[-1].view(-1)[-1] = float("inf")
+    return len(ddp.buckets), collectives(calls), grad_norm, optimizer.step()[0]
 
 
-def test_one_step_collectives():
+def test_one_step_collectives_norm_and_overflow():
     """Plain: one all-reduce per bucket. ZeRO: one reduce-scatter and one all-gather per bucket, and one
-    all-reduce over DP of the gradient norm's partial sums (no gradient all-reduce)."""
-    for result in run_distributed(_collectives_of_one_step_each, 2):
-        buckets, calls = result[False]
+    all-reduce over DP of the gradient norm's partial sums (no gradient all-reduce); the same gradient norm
+    (the whole gradient's); an inf on one DP rank's shard makes every rank skip the step."""
+    for result in run_distributed(_one_step_each, 2):
+        buckets, calls, plain_norm, _ = result[False]
         assert buckets > 2 and calls == {"all_reduce": buckets}
-        buckets, calls = result[True]
+        buckets, calls, zero_norm, applied = result[True]
         assert buckets > 2
         assert calls == {"reduce_scatter_single": buckets, "all_gather_single": buckets, "all_reduce": 1}
+        assert abs(zero_norm - plain_norm) <= 1e-6 * plain_norm
+        assert not applied
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------

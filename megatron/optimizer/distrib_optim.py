@@ -205,9 +205,8 @@ class DistributedOptimizer(MegatronOptimizer):
                     key: whole[key][offset : offset + param.numel()].view(param.shape).cpu().clone()
                     for key in keys
                 }
-        step = all_reduce(
-            step.clone(), self.parallel.dp_group, dist.ReduceOp.MAX
-        ).cpu()  # a rank owning no piece has no step of its own
+        # A rank whose shard holds only padding has no step count of its own: take the largest.
+        step = all_reduce(step.clone(), self.parallel.dp_group, dist.ReduceOp.MAX).cpu()
         return {"optimizer": self.config.optimizer, "step": step, "param_state": per_name}
 
     @torch.no_grad()
