@@ -16,6 +16,7 @@ from typing import Callable, NoReturn, Optional
 
 import torch
 
+from megatron.arguments_llama import add_llama_args, validate_llama_args
 from megatron.compat_args import add_compat_args, check_compat_args
 from megatron.model.config import TransformerConfig
 
@@ -31,6 +32,14 @@ CHECKPOINT_MODEL_ARGS = (
     "kv_channels",
     "max_position_embeddings",
     "position_embedding_type",
+    "rotary_base",
+    "rotary_percent",
+    "normalization",
+    "swiglu",
+    "group_query_attention",
+    "num_query_groups",
+    "add_bias_linear",
+    "untie_embeddings_and_output_weights",
     "embedding_layernorm",
     "apply_residual_connection_post_layernorm",
     "fp32_residual_connection",
@@ -60,6 +69,7 @@ def build_parser(extra_args_provider: Optional[ExtraArgsProvider] = None) -> arg
     """All of Megatron's flags that this project implements, grouped as in Megatron's --help."""
     parser = ArgumentParser(description="Megatron-style GPT/BERT pretraining arguments", allow_abbrev=False)
     _add_network_args(parser)
+    add_llama_args(parser)
     _add_regularization_args(parser)
     _add_training_args(parser)
     _add_initialization_args(parser)
@@ -89,9 +99,9 @@ def _add_network_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--position-embedding-type",
-        choices=["learned_absolute", "alibi"],
+        choices=["learned_absolute", "rope", "alibi"],
         default="learned_absolute",
-        help="Learned absolute position embeddings, or BLOOM's ALiBi attention biases.",
+        help="Learned absolute position embeddings, rotary (RoPE), or BLOOM's ALiBi attention biases.",
     )
     g.add_argument(
         "--embedding-layernorm", action="store_true", help="BLOOM: layernorm after the word embeddings."
@@ -144,6 +154,7 @@ def _check_model_args(args: argparse.Namespace, fail: Callable[[str], NoReturn])
             f"--num-attention-heads {args.num_attention_heads} is not divisible by "
             f"--tensor-model-parallel-size {tp}"
         )
+    validate_llama_args(args, fail)
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
     if args.ffn_hidden_size % tp != 0:
@@ -462,6 +473,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
             "BertWordPieceCase",
             "SentencePieceTokenizer",
             "HuggingFaceTokenizer",
+            "Llama2Tokenizer",
             "NullTokenizer",
         ],
         default=None,
@@ -517,6 +529,7 @@ def _check_data_args(args: argparse.Namespace, fail: Callable[[str], NoReturn], 
         "BertWordPieceCase": ("vocab_file",),
         "SentencePieceTokenizer": ("tokenizer_model",),
         "HuggingFaceTokenizer": ("tokenizer_model",),
+        "Llama2Tokenizer": ("tokenizer_model",),
         "NullTokenizer": ("vocab_size",),
     }[args.tokenizer_type]
     for flag in needs:
@@ -530,8 +543,22 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tensorboard-log-interval", type=int, default=1)
     g.add_argument("--wandb-project", type=str, default=None, help="Weights & Biases project (if installed).")
     g.add_argument("--wandb-exp-name", type=str, default=None)
-    g.add_argument("--log-timers-to-tensorboard", action="store_true")
-    g.add_argument("--log-memory-to-tensorboard", action="store_true")
+    g.add_argument(
+        "--log-timers-to-tensorboard",
+        action="store_true",
+        help="Write the forward-backward, optimizer and iteration times to TensorBoard.",
+    )
+    g.add_argument(
+        "--log-memory-to-tensorboard",
+        action="store_true",
+        help="Write CUDA allocator statistics (peak resident memory without CUDA) to TensorBoard.",
+    )
+    g.add_argument(
+        "--log-num-zeros-in-grad",
+        action="store_true",
+        help="Log the number of zero gradient elements (over the whole model).",
+    )
+    g.add_argument("--log-params-norm", action="store_true", help="Log the L2 norm of the parameters.")
 
 
 def launcher_ranks() -> tuple[int, int, int]:
@@ -565,11 +592,41 @@ def parse_args(
         _apply_checkpoint_args(parser, args)
     args.rank = launcher_ranks()[0]
     args.world_size = world_size if world_size is not None else world_size_from_env()
-    notes = check_compat_args(parser, args)
+    notes, renamed = check_compat_args(parser, args)
     validate_args(parser, args, require_data=require_data)
-    if notes and launcher_ranks()[0] == 0:
+    if notes and args.rank == 0:
         print("note: accepted for Megatron-LM compatibility, no effect here: " + "; ".join(notes), flush=True)
+    if renamed and args.rank == 0:
+        print("note: old Megatron-LM spellings taken as the current flags: " + "; ".join(renamed), flush=True)
     return args
+
+
+def model_flag_differences(saved: argparse.Namespace, current: argparse.Namespace) -> list[str]:
+    """For each model attribute of CHECKPOINT_MODEL_ARGS (file paths aside) that both Namespaces hold and
+    that differs: "checkpoint has --hidden-size 64, this run asks for 128", spelled with the flags."""
+    actions = {action.dest: action for action in build_parser()._actions if action.option_strings}
+    differences = []
+    for name in CHECKPOINT_MODEL_ARGS:
+        if name in ("vocab_file", "merge_file", "tokenizer_model") or not hasattr(saved, name):
+            continue
+        old, new = getattr(saved, name), getattr(current, name, None)
+        if old == new:
+            continue
+        action = actions.get(name)
+        if action is None:  # derived values: padded_vocab_size, num_tokentypes
+            label = name.replace("_", " ")
+            differences.append(f"checkpoint has {label} {old}, this run has {new}")
+        elif action.nargs == 0:  # a switch: given or not
+            flag = action.option_strings[0]
+            differences.append(
+                f"checkpoint was saved with {flag}, this run is not"
+                if old == action.const
+                else f"checkpoint was saved without {flag}, this run asks for it"
+            )
+        else:
+            flag = action.option_strings[0]
+            differences.append(f"checkpoint has {flag} {old}, this run asks for {new}")
+    return differences
 
 
 def _apply_checkpoint_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -625,6 +682,13 @@ def transformer_config_from_args(
         openai_gelu=args.openai_gelu,
         bias_gelu_fusion=args.bias_gelu_fusion,
         position_embedding_type=args.position_embedding_type,
+        rotary_base=args.rotary_base,
+        rotary_percent=args.rotary_percent,
+        normalization=args.normalization,
+        swiglu=args.swiglu,
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
+        add_bias_linear=args.add_bias_linear,
+        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         embedding_layernorm=args.embedding_layernorm,
         recompute_granularity=args.recompute_granularity,
         sequence_parallel=args.sequence_parallel,

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron.arguments import ExtraArgsProvider, parse_args
+from megatron.arguments_llama import flops_shape
 from megatron.checkpointing import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from megatron.data.samplers import build_data_loader
 from megatron.distributed import DistributedDataParallel
@@ -53,7 +54,7 @@ from megatron.parallel.collectives import all_reduce, any_rank
 from megatron.parallel.state import ParallelState, print_rank_0
 from megatron.run_state import RunState
 from megatron.tokenizer import build_tokenizer
-from megatron.training_log import IntervalLogger, ScalarWriter, format_eval_block
+from megatron.training_log import IntervalLogger, ScalarWriter, StepStats, StepTimers, format_eval_block
 
 DatasetsProvider = Callable[[list, argparse.Namespace], tuple]
 ModelProvider = Callable[[argparse.Namespace, ParallelState, RunState], nn.Module]
@@ -88,6 +89,7 @@ def optimizer_config_from_args(args: argparse.Namespace) -> OptimizerConfig:
         loss_scale_window=args.loss_scale_window,
         hysteresis=args.hysteresis,
         use_distributed_optimizer=args.use_distributed_optimizer,
+        log_num_zeros_in_grad=args.log_num_zeros_in_grad,
     )
 
 
@@ -174,23 +176,27 @@ def train_step(
     num_microbatches: int,
     args: argparse.Namespace,
     parallel: ParallelState,
-) -> tuple[dict[str, float], bool, Optional[float]]:
-    """Forward/backward over all microbatches, gradient sync, optimizer step.
+    timers: Optional[StepTimers] = None,
+) -> tuple[dict[str, float], bool, Optional[float], float]:
+    """Forward/backward over all microbatches, gradient sync, optimizer step (phases timed by `timers`).
 
-    Returns (losses averaged over microbatches and DP ranks, update_successful, grad norm).
+    Returns (losses averaged over microbatches and DP ranks, update_successful, grad norm, num zeros in
+    grad (0 unless --log-num-zeros-in-grad)).
     """
     optimizer.zero_grad()
     stats = []
-    for i in range(num_microbatches):
-        sync = nullcontext() if i == num_microbatches - 1 else model.no_sync()
-        with sync:
-            output, loss_func = forward_step(data_iterator, model, args, parallel)
-            loss, logged = loss_func(output)
-            optimizer.scale_loss(loss / num_microbatches).backward()
-        stats.append(logged)
-    model.finish_grad_sync()
-    update_successful, grad_norm, _ = optimizer.step()
-    return _average_over_dp(stats, parallel), update_successful, grad_norm
+    with timers.phase("forward-backward") if timers else nullcontext():
+        for i in range(num_microbatches):
+            sync = nullcontext() if i == num_microbatches - 1 else model.no_sync()
+            with sync:
+                output, loss_func = forward_step(data_iterator, model, args, parallel)
+                loss, logged = loss_func(output)
+                optimizer.scale_loss(loss / num_microbatches).backward()
+            stats.append(logged)
+        model.finish_grad_sync()
+    with timers.phase("optimizer") if timers else nullcontext():
+        update_successful, grad_norm, num_zeros = optimizer.step()
+    return _average_over_dp(stats, parallel), update_successful, grad_norm, num_zeros
 
 
 @torch.no_grad()
@@ -279,6 +285,7 @@ def load_for_training(
             no_load_optim=args.no_load_optim,
             no_load_rng=args.no_load_rng,
             finetune=args.finetune,
+            run_args=run.checkpoint_args(args),
         )
     except ValueError as e:  # the scheduler refuses settings that contradict the checkpoint's
         raise CheckpointError(f"{args.load}: {e}") from None
@@ -409,17 +416,20 @@ def train_iteration(
     """One iteration of a training loop (pretraining or fine-tuning): train_step, the counters in `run`,
     the learning-rate schedule, the log line; stops the run after --max-nan-iterations bad iterations."""
     num_micro = global_batch // (args.micro_batch_size * parallel.dp_size)
-    losses, update_successful, grad_norm = train_step(
-        forward_step, data_iterator, model, optimizer, num_micro, args, parallel
+    losses, update_successful, grad_norm, num_zeros = train_step(
+        forward_step, data_iterator, model, optimizer, num_micro, args, parallel, logger.timers
     )
     run.iteration += 1
     run.consumed_train_samples += global_batch
     if update_successful:
         scheduler.step(increment=global_batch)
-    logger.record(
-        run.iteration, run.consumed_train_samples, losses, update_successful, grad_norm, global_batch,
-        scheduler.get_lr(), optimizer.loss_scale, flops,
-    )  # fmt: skip
+    step = StepStats(losses, update_successful, grad_norm, global_batch, scheduler.get_lr(), optimizer.loss_scale,
+                     flops)  # fmt: skip
+    if args.log_num_zeros_in_grad and update_successful:
+        step.num_zeros = num_zeros
+    if args.log_params_norm:
+        step.params_norm = optimizer.params_norm()
+    logger.record(run.iteration, run.consumed_train_samples, step)
     if logger.consecutive_bad >= args.max_nan_iterations:
         raise TrainingError(
             f"{logger.consecutive_bad} consecutive iterations (up to {run.iteration}) had NaN/inf losses or "
@@ -449,7 +459,8 @@ def _train_loop(
         if args.save:
             model.finish_param_gather()  # the weights must be complete before they are written
             save_checkpoint(run.iteration, model.module, optimizer, scheduler, run.checkpoint_args(args),
-                            parallel, args.save)  # fmt: skip
+                            parallel, args.save, save_optim=not args.no_save_optim,
+                            save_rng=not args.no_save_rng)  # fmt: skip
 
     calculator = MicroBatchCalculator(
         args.global_batch_size, args.micro_batch_size, parallel.dp_size, args.rampup_batch_size
@@ -461,7 +472,7 @@ def _train_loop(
         global_batch = calculator.current_global_batch_size
         flops = hardware_flops(
             global_batch, args.seq_length, args.num_layers, args.hidden_size, run.padded_vocab_size,
-            args.recompute_granularity,
+            args.recompute_granularity, **flops_shape(args),
         )  # fmt: skip
         losses = train_iteration(forward_step, train_iter, model, optimizer, scheduler, global_batch, args,
                                  parallel, run, logger, flops)  # fmt: skip

@@ -19,7 +19,7 @@ from megatron.parallel.mappings import (
 )
 from megatron.parallel.random import model_parallel_seed
 from megatron.parallel.state import initialize_model_parallel
-from tests.collective_counter import collectives, count_distributed_calls
+from tests.collective_counter import count_collectives
 from tests.distributed_utils import run_distributed
 from tests.training_compare import (
     ADAM_EPS,
@@ -142,11 +142,11 @@ def _count_layer_collectives(parallel, sequence_parallel: bool) -> tuple[dict, d
     if sequence_parallel:
         x = x.chunk(2, dim=1)[parallel.tp_rank].contiguous()
     x.requires_grad_(True)
-    with count_distributed_calls() as forward:
+    with count_collectives() as forward:
         y = layer(x, None)
-    with count_distributed_calls() as backward:
+    with count_collectives() as backward:
         y.square().sum().backward()
-    return collectives(forward), collectives(backward)
+    return dict(forward), dict(backward)
 
 
 def test_collectives_per_layer_and_the_mappings_maths():

@@ -64,7 +64,7 @@ class GPTModel(nn.Module):
                 )
             allowed = ~attention_mask
         hidden, _ = self.language_model(input_ids, position_ids, allowed, inference_params=inference_params)
-        weight = self.language_model.embedding.word_embeddings.weight
+        weight = self.language_model.output_weight()
         sp = self.sequence_parallel  # hidden holds this rank's s/p positions: gathered for the output layer
         if labels is None:
             return parallel_lm_logits(

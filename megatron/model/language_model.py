@@ -3,7 +3,11 @@
 The word embedding table is split over the vocabulary across TP ranks (rank r holds rows
 r * V/p .. (r + 1) * V/p - 1); position and token-type embeddings are small and duplicated on every rank.
 The output layer reuses the word embedding table (tied weights), so the logits come out split over the
-vocabulary as well and the loss is computed without gathering them (vocab-parallel cross entropy).
+vocabulary as well and the loss is computed without gathering them (vocab-parallel cross entropy). With
+--untie-embeddings-and-output-weights the language model owns a separate `output_layer` [V/p, h], split
+over the vocabulary the same way (column-parallel, no bias; Megatron's `language_model.output_layer`).
+With RoPE there are no position embeddings: the language model turns the position ids into the rotary
+angles that every attention layer applies to its queries and keys.
 
 With sequence parallelism the embedding output is scattered over the sequence (rank r keeps positions
 r s/p .. (r + 1) s/p - 1) before its dropout, the encoder works on those positions, and the sequence is
@@ -20,9 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatron.model.config import TransformerConfig
+from megatron.model.rotary import RotaryEmbedding
 from megatron.model.transformer import InferenceParams, LayerNorm, ParallelTransformer, check_config
 from megatron.model.utils import init_normal_
-from megatron.parallel.layers import VocabParallelEmbedding
+from megatron.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from megatron.parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -160,8 +165,30 @@ class TransformerLanguageModel(nn.Module):
         )
         self.tp_group = parallel.tp_group
         self.embedding = Embedding(config, parallel)
+        self.rotary_pos_emb: Optional[RotaryEmbedding] = None
+        if config.position_embedding_type == "rope":
+            self.rotary_pos_emb = RotaryEmbedding(
+                config.kv_channels, config.rotary_percent, config.rotary_base
+            )
         self.encoder = ParallelTransformer(config, parallel, causal)
         self.pooler: Optional[Pooler] = Pooler(config) if add_pooler else None
+        self.output_layer: Optional[ColumnParallelLinear] = None
+        if config.untie_embeddings_and_output_weights:
+            self.output_layer = ColumnParallelLinear(
+                config.hidden_size,
+                config.padded_vocab_size,
+                parallel=parallel,
+                bias=False,
+                init_std=config.init_method_std,
+                params_dtype=config.params_dtype,
+            )
+
+    def output_weight(self) -> Tensor:
+        """This rank's vocabulary slice [V/p, h] of the output layer: output_layer's, or the word embeddings'
+        when tied."""
+        if self.output_layer is not None:
+            return self.output_layer.weight
+        return self.embedding.word_embeddings.weight
 
     def forward(
         self,
@@ -178,7 +205,12 @@ class TransformerLanguageModel(nn.Module):
         decoding; the input_ids are then the new tokens, at the positions given by position_ids.
         """
         embeddings = self.embedding(input_ids, position_ids, tokentype_ids)
-        hidden = self.encoder(embeddings, allowed, inference_params)
+        rotary = None
+        if self.rotary_pos_emb is not None:
+            if position_ids is None:
+                raise ValueError("position_ids are required with rotary position embeddings")
+            rotary = self.rotary_pos_emb(position_ids)
+        hidden = self.encoder(embeddings, allowed, inference_params, rotary)
         if self.gather_sequence_output:
             hidden = gather_from_sequence_parallel_region(hidden, self.tp_group, grad_is_partial=False)
         pooled = self.pooler(hidden) if self.pooler is not None else None

@@ -18,6 +18,10 @@ place that lists the groups a gradient is split over (the pipeline group belongs
 
 Clipping (Megatron's rule): with coeff = max_norm / (||g|| + 1e-6), if coeff < 1 every gradient is
 multiplied by coeff, so the clipped norm is max_norm (up to the 1e-6).
+
+For the log line (--log-num-zeros-in-grad, --log-params-norm) the same counting rule gives the number of
+zero gradient elements, sum over TP ranks r of sum over counted p of #{i : g_p[i] = 0}, and the parameter
+norm sqrt(sum_r sum_p ||w_p||^2), each completed by one all-reduce (SUM) over the TP group.
 """
 
 from __future__ import annotations
@@ -68,3 +72,31 @@ def clip_grads_(grads: list[Tensor], max_norm: float, total_norm: float) -> None
     clip_coeff = max_norm / (total_norm + 1.0e-6)
     if clip_coeff < 1.0 and grads:
         torch._foreach_mul_(grads, clip_coeff)
+
+
+def count_zeros(
+    grads: list[Tensor], counted: list[bool], parallel: ParallelState, sharded_over_dp: bool = False
+) -> float:
+    """Number of zero elements in the counted gradients of the whole model (Megatron's num_zeros_in_grad)."""
+    device = grads[0].device if grads else "cpu"
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for grad, is_counted in zip(grads, counted):
+        if is_counted:
+            total += grad.numel() - torch.count_nonzero(grad)
+    for group in norm_reduction_groups(parallel, sharded_over_dp):
+        all_reduce(total, group)
+    return float(total)
+
+
+def l2_norm(
+    tensors: list[Tensor], counted: list[bool], parallel: ParallelState, sharded_over_dp: bool = False
+) -> float:
+    """sqrt of the sum of squares of the counted tensors of the whole model (e.g. the parameter norm)."""
+    chosen = [t.detach() for t, is_counted in zip(tensors, counted) if is_counted]
+    device = tensors[0].device if tensors else "cpu"
+    sum_of_squares = torch.zeros((), dtype=torch.float32, device=device)
+    if chosen:
+        sum_of_squares += torch.stack(torch._foreach_norm(chosen)).float().square().sum()
+    for group in norm_reduction_groups(parallel, sharded_over_dp):
+        all_reduce(sum_of_squares, group)
+    return float(sum_of_squares) ** 0.5

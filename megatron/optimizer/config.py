@@ -36,6 +36,7 @@ class OptimizerConfig:
     loss_scale_window: int = 1000
     hysteresis: int = 2
     use_distributed_optimizer: bool = False  # ZeRO-1: Adam state sharded over the DP group
+    log_num_zeros_in_grad: bool = False  # count the zero gradient elements in step() (costs a pass)
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "sgd"):
