@@ -206,3 +206,17 @@ def test_sequence_parallel_with_tp1_is_ignored_with_a_note(capsys):
     args = parse_args([*TINY, *SP, "--train-iters", "4"], world_size=1)
     assert args.sequence_parallel is False
     assert "--sequence-parallel ignored" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_llama_tp2_dp2_with_both_features_matches_plain(tmp_path):
+    """The Llama family (RMSNorm, SwiGLU, RoPE, grouped-query attention, untied output layer, no biases)
+    with sequence parallelism + the distributed optimizer at TP 2 x DP 2 equals neither, fp32."""
+    llama = (
+        "--position-embedding-type rope --normalization RMSNorm --norm-epsilon 1e-6 --swiglu --ffn-hidden-size 64 "
+        "--group-query-attention --num-query-groups 2 --untie-embeddings-and-output-weights --disable-bias-linear"
+    ).split()
+    base = [*TINY, *NO_DROPOUT, *ADAM_EPS, *TP2, *llama, "--train-iters", 4, "--global-batch-size", 8]
+    variants = {"plain": [], "both": [*SP, "--use-distributed-optimizer"]}
+    results = run_distributed(_variants, 4, args=(str(tmp_path), base, variants))
+    _compare(str(tmp_path), results, {"both": "plain"}, tp=2, rtol=1e-5, param_rtol=1e-5)
