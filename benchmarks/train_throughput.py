@@ -1,20 +1,28 @@
 """Training throughput of our GPT (the real train_step: DDP buffers, mixed-precision optimizer) beside
-Hugging Face transformers' GPT2LMHeadModel with torch AdamW, on the same shape, in one run.
+Hugging Face transformers' GPT2LMHeadModel, on the same shape, in one run.
 
     python benchmarks/train_throughput.py                      # CPU: fp32 and bf16 vs HF fp32
     python benchmarks/train_throughput.py --preset gpt2-345m --device cuda --no-hf   # GPU: MFU at bf16
     python benchmarks/train_throughput.py --arch llama --repeats 5   # Llama shape vs LlamaForCausalLM (benchmarks/llama_throughput.py)
 
-Prints tokens/s and model TFLOP/s (Megatron's 72 B s L h^2 (1 + s/6h + V/12Lh) count) per configuration,
-and, with --peak-tflops (or on a known GPU), the model FLOP utilisation (MFU).
+Fair comparison: both use the same torch AdamW implementation (fused where torch has fused kernels for
+the device, as our optimizer does, else foreach), lr 1e-4, weight decay 0.01, gradient clipping at 1.0,
+no dropout difference (both at their defaults of 0.1), the same threads. All models are built first,
+warmed up, then timed in --repeats interleaved rounds of --iters steps each (HF, ours, ours bf16, HF, ...),
+so that a change in machine load hits every configuration alike. Prints the median ms/iteration with the
+spread over the rounds, tokens/s and model TFLOP/s (Megatron's 72 B s L h^2 (1 + s/6h + V/12Lh) count),
+the ratio to HF (median of the per-round ratios, and its range), and with --peak-tflops (or on a known GPU)
+the model FLOP utilisation (MFU).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import time
 from functools import partial
+from typing import Callable
 
 import torch
 
@@ -44,6 +52,7 @@ PRESETS = {
         num_layers=24, hidden_size=2048, num_attention_heads=16, seq_length=1024, micro_batch_size=8
     ),
 }
+HF = "HF GPT2LMHeadModel fp32"
 # Dense bf16 peak of known accelerators, TFLOP/s.
 GPU_PEAK_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -58,8 +67,13 @@ def _forward_step(data_iterator, model, args, parallel):
     return model(tokens, position_ids, None, labels=labels), partial(_loss, loss_mask)
 
 
-def bench_ours(shape: dict, vocab: int, dtype: torch.dtype, device: str, iters: int, warmup: int) -> float:
-    """Seconds per iteration of our train_step."""
+def adamw_kernel(device: str) -> dict:
+    """The AdamW implementation our optimizer picks (megatron/optimizer/optimizer.py), used for HF too."""
+    return {"fused": True} if torch.device(device).type in ("cpu", "cuda") else {"foreach": True}
+
+
+def build_ours(shape: dict, vocab: int, dtype: torch.dtype, device: str) -> Callable[[], None]:
+    """One iteration of our train_step (forward, backward, clip 1.0, AdamW) as a closure."""
     parallel = single_process_state()
     model_parallel_seed(1234, parallel)
     config = TransformerConfig(
@@ -73,7 +87,15 @@ def bench_ours(shape: dict, vocab: int, dtype: torch.dtype, device: str, iters: 
     model = GPTModel(config, parallel).to(device=device, dtype=dtype)
     model = DistributedDataParallel(model, parallel)
     optimizer = build_optimizer(
-        model, OptimizerConfig(lr=1e-4, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16), parallel
+        model,
+        OptimizerConfig(
+            lr=1e-4,
+            weight_decay=0.01,
+            clip_grad=1.0,
+            bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16,
+        ),
+        parallel,
     )
     b, s = shape["micro_batch_size"], shape["seq_length"]
     data = torch.randint(0, vocab, (b, s + 1), device=device)
@@ -85,13 +107,11 @@ def bench_ours(shape: dict, vocab: int, dtype: torch.dtype, device: str, iters: 
     )
     it = itertools.repeat(batch)
     args = argparse.Namespace()
-    return _time(
-        lambda: train_step(_forward_step, it, model, optimizer, 1, args, parallel), iters, warmup, device
-    )
+    return lambda: train_step(_forward_step, it, model, optimizer, 1, args, parallel)
 
 
-def bench_hf(shape: dict, vocab: int, device: str, iters: int, warmup: int) -> float:
-    """Seconds per iteration of GPT2LMHeadModel forward/backward + torch AdamW, fp32."""
+def build_hf(shape: dict, vocab: int, device: str) -> Callable[[], None]:
+    """One iteration of GPT2LMHeadModel forward/backward, clip 1.0 and the same torch AdamW, fp32."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(1234)
@@ -104,7 +124,7 @@ def bench_hf(shape: dict, vocab: int, device: str, iters: int, warmup: int) -> f
     )
     model = GPT2LMHeadModel(config).to(device)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, **adamw_kernel(device))
     b, s = shape["micro_batch_size"], shape["seq_length"]
     tokens = torch.randint(0, vocab, (b, s), device=device)
 
@@ -115,7 +135,7 @@ def bench_hf(shape: dict, vocab: int, device: str, iters: int, warmup: int) -> f
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
 
-    return _time(step, iters, warmup, device)
+    return step
 
 
 def _time(fn, iters: int, warmup: int, device: str) -> float:
@@ -129,6 +149,20 @@ def _time(fn, iters: int, warmup: int, device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / iters
+
+
+def interleaved(
+    steps: dict[str, Callable[[], None]], repeats: int, iters: int, warmup: int, device: str
+) -> dict:
+    """{name: [seconds per iteration in each round]}: every step function warmed up, then timed in turn,
+    round after round."""
+    for fn in steps.values():
+        _time(fn, 1, warmup, device)
+    rounds: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            rounds[name].append(_time(fn, iters, 0, device))
+    return rounds
 
 
 def gemm_tflops(dtype: torch.dtype, device: str, n: int = 2048, reps: int = 5) -> float:
@@ -153,7 +187,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=5, help="Iterations per timed round.")
+    parser.add_argument("--repeats", type=int, default=7, help="Interleaved rounds; the median is reported.")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU).")
     parser.add_argument("--no-hf", action="store_true", help="Skip the Hugging Face baseline.")
@@ -187,42 +222,33 @@ def main() -> None:
         f"GEMM 2048^3: fp32 {fp32_gemm:.3f} TFLOP/s, bf16 {bf16_gemm:.3f} TFLOP/s "
         f"(bf16/fp32 = {bf16_gemm / fp32_gemm:.2f}x on this device)"
     )
-    results = {}
-    runs = []
+    steps = {}
     if not args.no_hf:
-        runs.append(
-            (
-                "HF GPT2LMHeadModel fp32",
-                lambda: bench_hf(shape, args.vocab_size, args.device, args.iters, args.warmup),
-            )
-        )
+        steps[HF] = build_hf(shape, args.vocab_size, args.device)
     if not args.no_fp32:
-        runs.append(
-            (
-                "ours fp32",
-                lambda: bench_ours(
-                    shape, args.vocab_size, torch.float32, args.device, args.iters, args.warmup
-                ),
-            )
-        )
-    runs.append(
-        (
-            "ours --bf16",
-            lambda: bench_ours(shape, args.vocab_size, torch.bfloat16, args.device, args.iters, args.warmup),
-        )
+        steps["ours fp32"] = build_ours(shape, args.vocab_size, torch.float32, args.device)
+    steps["ours --bf16"] = build_ours(shape, args.vocab_size, torch.bfloat16, args.device)
+    rounds = interleaved(steps, args.repeats, args.iters, args.warmup, args.device)
+    print(
+        f"{args.repeats} interleaved rounds of {args.iters} iterations after {args.warmup} warm-up iterations:"
     )
-    for name, run in runs:
-        seconds = run()
-        results[name] = seconds
-        line = f"{name:26s} {seconds * 1000:9.1f} ms/iter {b * s / seconds:10.0f} tokens/s {flops / seconds / 1e12:8.3f} TFLOP/s"
+    for name, times in rounds.items():
+        seconds = statistics.median(times)
+        line = (
+            f"{name:26s} {seconds * 1000:9.1f} ms/iter (rounds {min(times) * 1000:.1f}-{max(times) * 1000:.1f}) "
+            f"{b * s / seconds:10.0f} tokens/s {flops / seconds / 1e12:8.3f} TFLOP/s"
+        )
         if peak:
             line += f"  MFU {flops / seconds / 1e12 / peak:6.1%} of {peak:.0f} TFLOP/s"
         print(line, flush=True)
-    base = results.get("HF GPT2LMHeadModel fp32")
-    if base:
-        for name, seconds in results.items():
-            if name != "HF GPT2LMHeadModel fp32":
-                print(f"speedup of {name} over HF fp32: {base / seconds:.2f}x")
+    if HF in rounds:
+        for name, times in rounds.items():
+            if name != HF:
+                ratios = [hf / t for hf, t in zip(rounds[HF], times)]
+                print(
+                    f"speed of {name} / HF fp32: {statistics.median(ratios):.2f}x "
+                    f"(rounds {min(ratios):.2f}-{max(ratios):.2f}x)"
+                )
 
 
 if __name__ == "__main__":

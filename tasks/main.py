@@ -5,7 +5,7 @@
 
 --task          data (--valid-data / --train-data)                  what it does
 WIKITEXT103     one WikiText .tokens/.txt file                      perplexity of the GPT model in --load
-LAMBADA         one LAMBADA .jsonl file ({"text": ...} per line)    last-word accuracy of the GPT in --load
+LAMBADA         one LAMBADA .jsonl file ({"text": ...} per line)    cloze accuracy of the GPT in --load
 RACE            RACE directories of passage files                   fine-tune BERT, accuracy per --valid-data
 MNLI, QQP       GLUE .tsv files                                     fine-tune BERT, accuracy per --valid-data
 
@@ -67,7 +67,8 @@ def add_task_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument(
         "--strict-lambada",
         action="store_true",
-        help="LAMBADA: tokenize the last word on its own instead of as part of the passage.",
+        help="LAMBADA: score every token of the last word, tokenized on its own as ' ' + word (default: "
+        "the passage's final token only, as Megatron-LM).",
     )
     g.add_argument(
         "--eval-micro-batch-size", type=int, default=None, help="Evaluation batch size (default micro batch)."

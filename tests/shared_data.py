@@ -1,35 +1,53 @@
 """The real evaluation data beside the checkout (../shared/data: WikiText-2, LAMBADA), and a small GPT
-dataset built from it the way a user would: train a byte-level BPE, preprocess to .bin/.idx."""
+dataset built from it the way a user would: train a byte-level BPE, preprocess to .bin/.idx.
+
+MEGATRON_SHARED_DATA, when set, names the folder (and nothing else is tried); otherwise ../shared/data
+beside the checkout, then /work/shared/data. When none holds the data, importing this module still
+works: `shared_path(...)` skips the calling test with the reason, so only the tests that need the data
+are skipped and the rest of the module runs.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Optional
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _shared_data() -> Path:
-    candidates = [
-        os.environ.get("MEGATRON_SHARED_DATA"),
-        ROOT.parent / "shared" / "data",
-        "/work/shared/data",
-    ]
+def _find_shared_data() -> tuple[Optional[Path], str]:
+    """(the data folder, "") or (None, why it was not found)."""
+    override = os.environ.get("MEGATRON_SHARED_DATA")
+    candidates = (
+        [Path(override)] if override else [ROOT.parent / "shared" / "data", Path("/work/shared/data")]
+    )
     for candidate in candidates:
-        if candidate and (Path(candidate) / "wikitext-2").is_dir():
-            return Path(candidate)
-    raise FileNotFoundError(
-        "shared evaluation data not found: set MEGATRON_SHARED_DATA to the shared/data folder"
+        if (candidate / "wikitext-2").is_dir():
+            return candidate, ""
+    tried = ", ".join(str(c) for c in candidates)
+    return (
+        None,
+        f"shared evaluation data not found (tried {tried}): set MEGATRON_SHARED_DATA to the shared/data folder",
     )
 
 
-SHARED_DATA = _shared_data()
-WIKITEXT_VALID = SHARED_DATA / "wikitext-2" / "valid.txt"
+SHARED_DATA, MISSING_REASON = _find_shared_data()
 
 
-def wikitext_articles(path: Path = WIKITEXT_VALID) -> list[str]:
-    """The articles of a WikiText file, split at its top-level ` = Title = ` headings."""
+def shared_path(*parts: str) -> Path:
+    """SHARED_DATA / parts; skips the calling test (with the reason) when the shared data is missing."""
+    if SHARED_DATA is None:
+        pytest.skip(MISSING_REASON)
+    return SHARED_DATA.joinpath(*parts)
+
+
+def wikitext_articles(path: Optional[Path] = None) -> list[str]:
+    """The articles of a WikiText file (WikiText-2 valid by default), split at its ` = Title = ` headings."""
+    path = path if path is not None else shared_path("wikitext-2", "valid.txt")
     docs, current = [], []
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.startswith(" = ") and not line.startswith(" = = ") and current:

@@ -29,7 +29,7 @@ from megatron.checkpointing import load_checkpoint, save_checkpoint
 from megatron.model import BertModel, GPTModel
 from megatron.parallel.state import single_process_state
 from megatron.tokenizer import build_tokenizer, vocab_size_with_padding
-from tests.shared_data import WIKITEXT_VALID
+from tests.shared_data import shared_path
 from tools import train_tokenizer
 from tools.checkpoint import export_hf, import_hf_gpt2, reshard
 
@@ -88,7 +88,7 @@ def _read_json(path: Path) -> dict:
 def gpt2_tokenizer_files(tmp_path_factory) -> Path:
     """vocab.json + merges.txt of a small byte-level BPE trained on a few WikiText lines."""
     tmp = tmp_path_factory.mktemp("bpe")
-    lines = WIKITEXT_VALID.read_text(encoding="utf-8").splitlines()[:300]
+    lines = shared_path("wikitext-2", "valid.txt").read_text(encoding="utf-8").splitlines()[:300]
     (tmp / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines if t.strip()))
     train_tokenizer.main(["--input", str(tmp / "corpus.jsonl"), "--tokenizer-type", "GPT2BPETokenizer",
                           "--vocab-size", "400", "--output-dir", str(tmp / "tok")])  # fmt: skip

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from megatron.data import blending
 from megatron.data.blended_dataset import BlendedDataset
+from megatron.data.blending import blend_sequential, build_blending_indices
 from megatron.data.dataset_utils import blended_num_samples
-from megatron.data.helpers import build_blending_indices
 from megatron.data.mock_dataset import MockGPTDataset
 
 
@@ -29,6 +30,46 @@ def test_matches_the_rule(weights):
     want_chosen, want_positions = reference_blend(weights, 2000)
     np.testing.assert_array_equal(chosen, want_chosen)
     np.testing.assert_array_equal(positions, want_positions)
+
+
+def _sequential(weights, size):
+    chosen, positions = np.empty(size, np.int16), np.empty(size, np.int64)
+    blend_sequential(np.asarray(weights, dtype=np.float64), [0] * len(weights), 0, size, chosen, positions)
+    return chosen, positions
+
+
+def _weight_sets(rng):
+    """Random weights of 1..8 datasets, some skewed, some with zeros, some rational with many ties."""
+    for trial in range(36):
+        k = 1 + trial % 8
+        w = rng.rand(k) ** (1 + trial % 3)
+        if trial % 4 == 1:
+            w[rng.randint(k)] = 0.0 if k > 1 else w[0]
+        if trial % 4 == 2:
+            w = rng.randint(1, 5, size=k).astype(np.float64)
+        yield w / w.sum()
+
+
+def test_vectorised_blend_equals_the_loop_on_many_weight_sets(monkeypatch):
+    """Exactly the sequential rule (Megatron's helper), with the default blocks and with tiny blocks and
+    no warm-up, which start from wrong guesses and so go through the repair path."""
+    repairs = []
+    real_repair = blending._repair
+    monkeypatch.setattr(blending, "_repair", lambda *a: repairs.append(1) or real_repair(*a))
+    rng = np.random.RandomState(0)
+    for weights in _weight_sets(rng):
+        size = int(rng.randint(1, 12_000))
+        expected = _sequential(weights, size)
+        for block, warmup in ((None, blending.WARMUP), (int(rng.randint(2, 400)), int(rng.randint(0, 3)))):
+            chosen, positions = build_blending_indices(weights, size, block=block, warmup=warmup)
+            np.testing.assert_array_equal(chosen, expected[0], err_msg=f"{weights} {size} {block}")
+            np.testing.assert_array_equal(positions, expected[1], err_msg=f"{weights} {size} {block}")
+            assert chosen.dtype == np.int16 and positions.dtype == np.int64
+    assert len(repairs) > 10  # the repair path was exercised
+    big = np.array([0.4, 0.3, 0.2, 0.1])  # several default-size blocks side by side
+    np.testing.assert_array_equal(
+        build_blending_indices(big, 40_000, block=4096)[0], _sequential(big, 40_000)[0]
+    )
 
 
 def test_weights_met_at_every_prefix():

@@ -23,6 +23,7 @@ from megatron.text_generation import (
     top_p_filter,
 )
 from tests.distributed_utils import run_distributed
+from tests.randomize import randomize_parameters_
 
 VOCAB = 50  # real vocabulary; the model's is padded to 64
 PADDED_VOCAB = 64
@@ -44,9 +45,10 @@ def _config(position_embedding_type: str = "learned_absolute") -> TransformerCon
 
 
 def _model(position_embedding_type: str = "learned_absolute", parallel=None, seed: int = 0) -> GPTModel:
-    torch.manual_seed(seed)
     parallel = parallel if parallel is not None else single_process_state()
-    return GPTModel(_config(position_embedding_type), parallel, parallel_output=False).eval()
+    model = GPTModel(_config(position_embedding_type), parallel, parallel_output=False).eval()
+    randomize_parameters_(model, seed, parallel, std=0.3)  # biases and norms too, the same at any TP size
+    return model
 
 
 def _positions(start: int, end: int, batch: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""GPT and BERT under tensor parallelism equal the single-process model: init, logits, loss, all gradients;
-two all-reduces forward and two backward per layer; dropout streams inside and outside TP regions;
+"""GPT and BERT under tensor parallelism equal the single-process model: init, then (with every parameter
+randomised) logits, loss and all gradients per element; exactly two all-reduces over the TP group forward
+and two backward per layer and no other collective (every torch.distributed call is recorded); dropout streams inside and outside TP regions;
 activation recompute with dropout at TP = 2. Runs on gloo processes (world 2 and 4, TP 1/2/4 x DP 1/2)."""
 
 from __future__ import annotations
@@ -9,10 +10,11 @@ import torch
 import torch.distributed as dist
 
 from megatron.model.transformer import CoreAttention, ParallelTransformerLayer
-from megatron.parallel.mappings import count_all_reduces
 from megatron.parallel.random import model_parallel_seed
 from megatron.parallel.state import ParallelState, initialize_model_parallel, single_process_state
+from tests.collectives import group_ranks, record_collectives
 from tests.distributed_utils import run_distributed
+from tests.randomize import randomize_parameters_
 from tests.test_model_common import (
     assert_close_rel,
     build,
@@ -44,6 +46,9 @@ def _check_against_tp1(kind: str, overrides: dict, parallel: ParallelState) -> N
     for name, param in model.named_parameters():  # TP-independent init: shards are slices of TP=1 weights
         torch.testing.assert_close(param, tp_shard(ref_params[name], name, parallel), rtol=0, atol=0)
 
+    # Fresh biases are 0 and norm weights 1: randomise everything so a misplaced bias or norm shows.
+    randomize_parameters_(reference, seed=5)
+    randomize_parameters_(model, seed=5, parallel=parallel)
     inputs = fixed_inputs(kind)
     ref_logits, ref_binary = forward(kind, reference, inputs, with_labels=False)
     logits, binary = forward(kind, model, inputs, with_labels=False)
@@ -54,6 +59,7 @@ def _check_against_tp1(kind: str, overrides: dict, parallel: ParallelState) -> N
         assert_close_rel(binary, ref_binary, what=f"{label} binary logits")
 
     full_model = build(kind, config, parallel, parallel_output=False)
+    randomize_parameters_(full_model, seed=5, parallel=parallel)
     full_logits, _ = forward(kind, full_model, inputs, with_labels=False)
     assert_close_rel(full_logits, ref_logits, what=f"{label} gathered logits")
 
@@ -63,15 +69,30 @@ def _check_against_tp1(kind: str, overrides: dict, parallel: ParallelState) -> N
     assert_close_rel(loss, ref_loss, what=f"{label} loss")
 
     weighted_loss(kind, reference, inputs).backward()
-    with count_all_reduces() as counter:
-        weighted_loss(kind, model, inputs).backward()
+    with record_collectives() as calls:
+        total = weighted_loss(kind, model, inputs)
+        forward_calls = list(calls)
+        total.backward()
     for name, param in model.named_parameters():
         expected = tp_shard(ref_params[name].grad, name, parallel)
         assert_close_rel(param.grad, expected, what=f"{label} grad of {name}")
-    if parallel.tp_size > 1:
-        # 2 per layer + the embedding's g (forward) / the tied logits' f (backward); the cross entropy's
-        # scalar all-reduces are not f/g and are not counted.
-        assert (counter.forward, counter.backward) == (2 * config.num_layers + 1, 2 * config.num_layers + 1)
+    _check_collectives(forward_calls, calls[len(forward_calls) :], config, inputs, parallel)
+
+
+def _check_collectives(forward_calls: list, backward_calls: list, config, inputs: dict, parallel) -> None:
+    """Forward: the embedding's g + 2 per layer (activation-sized) and the cross entropy's 3 per-token
+    all-reduces; backward: 2 per layer + the tied logits' f. All over the TP group; nothing at TP = 1."""
+    if parallel.tp_size == 1:
+        assert forward_calls == [] and backward_calls == []
+        return
+    tokens = inputs["ids"].numel()
+    activation = ("all_reduce", group_ranks(parallel.tp_group), tokens * config.hidden_size)
+    per_token = ("all_reduce", group_ranks(parallel.tp_group), tokens)
+    layers = 2 * config.num_layers + 1
+    assert sorted((c.name, c.ranks, c.numel) for c in forward_calls) == sorted(
+        [activation] * layers + [per_token] * 3
+    ), forward_calls
+    assert [(c.name, c.ranks, c.numel) for c in backward_calls] == [activation] * layers, backward_calls
 
 
 def _tp_equivalence(rank: int, world_size: int, grids: list[tuple[int, list[tuple[str, dict]]]]) -> None:
@@ -116,11 +137,12 @@ def _dropout_and_all_reduces(rank: int, world_size: int) -> None:
     # Outside TP regions (residual stream): the same mask on every TP rank, so the copies stay identical.
     layer = ParallelTransformerLayer(config, parallel, causal=True)
     x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(4), requires_grad=True)
-    with count_all_reduces() as counter:
+    tp_all_reduce = ("all_reduce", group_ranks(parallel.tp_group))
+    with record_collectives() as calls:
         out = layer(x, None)
-        assert (counter.forward, counter.backward) == (2, 0)
+        assert [(c.name, c.ranks) for c in calls] == [tp_all_reduce] * 2
         out.square().sum().backward()
-    assert (counter.forward, counter.backward) == (2, 2)
+    assert [(c.name, c.ranks) for c in calls] == [tp_all_reduce] * 4
     first, second = _gather(out.detach(), parallel)
     assert torch.equal(first, second), "TP ranks' copies of the residual stream diverged"
     layer.self_attention.core_attention.eval()  # only the hidden dropout stays on

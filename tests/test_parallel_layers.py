@@ -15,8 +15,8 @@ from megatron.parallel.layers import (
     VocabParallelEmbedding,
     param_is_not_tensor_parallel_duplicate,
 )
-from megatron.parallel.mappings import count_all_reduces
 from megatron.parallel.state import ParallelState, initialize_model_parallel, single_process_state
+from tests.collectives import group_ranks, record_collectives
 from tests.distributed_utils import run_distributed
 
 IN, OUT, VOCAB, BATCH = 8, 12, 16, (2, 3)
@@ -135,16 +135,19 @@ def _check_embedding(parallel: ParallelState) -> None:
 
 
 def _check_all_reduce_count(parallel: ParallelState) -> None:
-    """A column -> row block (an MLP) makes one all-reduce forward and one backward when TP > 1."""
+    """A column -> row block (an MLP) makes one all-reduce over the TP group forward and one backward when
+    TP > 1, and no other collective."""
     torch.manual_seed(41)
     column = ColumnParallelLinear(IN, OUT, parallel=parallel)
     row = RowParallelLinear(OUT, IN, parallel=parallel)
     x = _inputs(parallel, 8, (*BATCH, IN)).requires_grad_()
-    expected = 1 if parallel.tp_size > 1 else 0
-    with count_all_reduces() as counter:
+    expected = [("all_reduce", group_ranks(parallel.tp_group))] if parallel.tp_size > 1 else []
+    with record_collectives() as calls:
         y, _ = row(F.gelu(column(x)[0]))
+        forward = [(c.name, c.ranks) for c in calls]
         y.sum().backward()
-    assert (counter.forward, counter.backward) == (expected, expected)
+    assert forward == expected
+    assert [(c.name, c.ranks) for c in calls] == expected * 2
 
 
 def _check_layers(rank: int, world_size: int, tp_sizes: tuple[int, ...]) -> None:

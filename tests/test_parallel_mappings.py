@@ -1,16 +1,15 @@
-"""Forward and backward of the conjugate TP communication functions, and all-reduce counting."""
+"""Forward and backward of the conjugate TP communication functions, and every collective they make."""
 
 import torch
 
 from megatron.parallel.mappings import (
-    ALLREDUCE_COUNTER,
     copy_to_tensor_model_parallel_region,
-    count_all_reduces,
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
 from megatron.parallel.state import initialize_model_parallel
+from tests.collectives import record_collectives
 from tests.distributed_utils import run_distributed
 
 FUNCTIONS = (
@@ -39,13 +38,19 @@ def _check_mappings(rank: int, world_size: int) -> None:
     y.backward(_per_rank(rank, shape, 2))
     torch.testing.assert_close(x.grad, sum(_per_rank(r, shape, 2) for r in ranks))
 
-    # g: all-reduce forward, identity backward; the input itself is not modified.
+    # g: all-reduce forward (in place, as Megatron-LM: no copy of the activation), identity backward.
     x = _per_rank(rank, shape, 3).requires_grad_()
-    y = reduce_from_tensor_model_parallel_region(x, group)
+    hidden = x * 1.0
+    y = reduce_from_tensor_model_parallel_region(hidden, group)
     torch.testing.assert_close(y, sum(_per_rank(r, shape, 3) for r in ranks))
-    torch.testing.assert_close(x.detach(), _per_rank(rank, shape, 3), rtol=0, atol=0)
+    assert y.data_ptr() == hidden.data_ptr(), "g copied its input"
     y.backward(_per_rank(rank, shape, 4))
     torch.testing.assert_close(x.grad, _per_rank(rank, shape, 4))
+    strided = _per_rank(rank, (2 * p, 3), 3).t()  # a non-contiguous input is reduced into a new tensor
+    torch.testing.assert_close(
+        reduce_from_tensor_model_parallel_region(strided, group),
+        sum(_per_rank(r, (2 * p, 3), 3) for r in ranks).t(),
+    )
 
     # scatter: keep own chunk of the last dim forward, all-gather backward.
     x = _per_rank(0, shape, 5).requires_grad_()  # the same full tensor on all ranks
@@ -62,34 +67,26 @@ def _check_mappings(rank: int, world_size: int) -> None:
     y.backward(upstream)
     torch.testing.assert_close(x.grad, upstream[:, 2 * rank : 2 * rank + 2])
 
-    # Counting: one all-reduce forward (g) and one backward (f); nothing counted outside the block.
+    # Every collective: one all-reduce over the TP group forward (g) and one backward (f), nothing else.
     x = _per_rank(rank, shape, 9).requires_grad_()
-    with count_all_reduces() as counter:
+    with record_collectives() as calls:
         hidden = copy_to_tensor_model_parallel_region(x, group) * 2.0
         out = reduce_from_tensor_model_parallel_region(hidden, group)
-        assert (counter.forward, counter.backward) == (1, 0)
-        out.sum().backward()
-        assert (counter.forward, counter.backward) == (1, 1)
-        reduce_from_tensor_model_parallel_region(x.detach(), group)
-        assert (counter.forward, counter.backward) == (2, 1)
-    reduce_from_tensor_model_parallel_region(x.detach(), group)
-    assert (ALLREDUCE_COUNTER.forward, ALLREDUCE_COUNTER.backward) == (2, 1)
-    assert not ALLREDUCE_COUNTER.enabled
+        assert [(c.name, c.ranks, c.numel) for c in calls] == [("all_reduce", tuple(ranks), x.numel())]
+        out.sum().backward()  # the gradient of sum() is an expanded tensor: f must not reduce it in place
+    assert [(c.name, c.ranks) for c in calls] == [("all_reduce", tuple(ranks))] * 2
+    torch.testing.assert_close(x.grad, torch.full(shape, 2.0 * p))
 
 
 def test_mappings_world4():
     run_distributed(_check_mappings, world_size=4)
 
 
-def test_no_group_is_identity_and_counts_nothing():
+def test_no_group_is_identity_and_communicates_nothing():
     x = torch.randn(3, 4, requires_grad=True)
-    with count_all_reduces() as counter:
+    with record_collectives() as calls:
         for fn in FUNCTIONS:
             y = fn(x, None)
             assert y is x
         (x * 3.0).sum().backward()
-    assert (counter.forward, counter.backward) == (0, 0)
-    # Each block starts from zero.
-    ALLREDUCE_COUNTER.forward = 7
-    with count_all_reduces() as counter:
-        assert counter.forward == 0 and counter.enabled
+    assert list(calls) == []

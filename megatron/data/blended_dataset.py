@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from megatron.data.helpers import build_blending_indices
+from megatron.data.blending import build_blending_indices
 
 
 class BlendedDataset(Dataset):

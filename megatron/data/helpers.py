@@ -10,7 +10,7 @@ the *shuffle index* permutes the samples. Everything is a prefix sum and a binar
 BERT (`build_bert_samples_mapping`): each document (a run of sentences) is cut greedily into chunks whose
 token count first reaches a target length; vectorised over documents, looping over chunk number.
 
-Blending (`build_blending_indices`): Megatron's greedy rule, exact, as a plain loop over samples.
+Blending: see megatron/data/blending.py.
 """
 
 from __future__ import annotations
@@ -119,32 +119,6 @@ def build_gpt_indices(
     num_shuffled = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length if separate else total_samples
     shuffle_index = build_shuffle_index(num_shuffled, total_samples, rng)
     return {"document_index": document_index, "sample_index": sample_index, "shuffle_index": shuffle_index}
-
-
-def build_blending_indices(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Megatron's greedy blend: sample i comes from the dataset furthest behind its share.
-
-    With c_k samples taken from dataset k so far, sample i goes to argmax_k (w_k * max(i, 1) - c_k) (the
-    first such k on ties). Returns (dataset_index int16 [size], dataset_sample_index int64 [size]): sample i
-    is sample dataset_sample_index[i] of dataset dataset_index[i]. Exact and sequential: O(size * K) in a
-    plain Python loop (about 0.5 us per dataset per sample).
-    """
-    w = [float(x) for x in weights]
-    counts = [0] * len(w)
-    others = range(1, len(w))
-    chosen = [0] * size
-    positions = [0] * size
-    for i in range(size):
-        x = float(i) if i > 0 else 1.0
-        best, best_error = 0, w[0] * x - counts[0]
-        for k in others:
-            error = w[k] * x - counts[k]
-            if error > best_error:
-                best, best_error = k, error
-        chosen[i] = best
-        positions[i] = counts[best]
-        counts[best] += 1
-    return np.array(chosen, dtype=np.int16), np.array(positions, dtype=np.int64)
 
 
 def _draw_target_lengths(

@@ -10,9 +10,7 @@ from megatron.parallel.layers import (
     set_tensor_model_parallel_attributes,
 )
 from megatron.parallel.mappings import (
-    ALLREDUCE_COUNTER,
     copy_to_tensor_model_parallel_region,
-    count_all_reduces,
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
     scatter_to_tensor_model_parallel_region,
@@ -21,7 +19,6 @@ from megatron.parallel.random import checkpoint, get_rng_tracker, model_parallel
 from megatron.parallel.state import ParallelState, initialize_model_parallel, single_process_state
 
 __all__ = [
-    "ALLREDUCE_COUNTER",
     "ColumnParallelLinear",
     "ParallelState",
     "checkpoint",
@@ -30,7 +27,6 @@ __all__ = [
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "copy_to_tensor_model_parallel_region",
-    "count_all_reduces",
     "gather_from_tensor_model_parallel_region",
     "initialize_model_parallel",
     "param_is_not_tensor_parallel_duplicate",

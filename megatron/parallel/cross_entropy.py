@@ -68,7 +68,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor) -> tuple[Tensor, None, None]:
         softmax, local_target, not_local = ctx.saved_tensors
         is_target = (~not_local).to(softmax.dtype).unsqueeze(-1)
-        grad = softmax.scatter_add(-1, local_target.unsqueeze(-1), -is_target)  # softmax - onehot(target)
+        # softmax - onehot(target), in place: the saved softmax is ours and read only here (no logits-sized copy)
+        grad = softmax.scatter_add_(-1, local_target.unsqueeze(-1), -is_target)
         grad.mul_(grad_loss.float().unsqueeze(-1))
         return grad.to(ctx.logits_dtype), None, None
 

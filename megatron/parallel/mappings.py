@@ -33,17 +33,14 @@ followed by an all-gather, so the traffic is the same).
 
 `group` None, or a group of size 1, makes every function the identity.
 
-Counting all-reduces: inside `with count_all_reduces() as counter:` every all-reduce made by f (in
-backward) and g (in forward) increments `counter.backward` or `counter.forward`; run the backward pass
-inside the block to count it. Outside such a block nothing is counted, and with a group of size 1 no
-all-reduce happens, so none is counted.
+As in Megatron-LM, the all-reduces work in place, without a copy of the activation: g sums its input
+tensor itself (pass a tensor nothing else reads, such as a GEMM's output; autograd is told it was
+modified), and f's backward sums the incoming gradient. Tests count collectives by patching
+torch.distributed (tests/collectives.py), so nothing here is instrumented.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -51,40 +48,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megatron.parallel.collectives import all_gather_into, all_reduce, group_size, reduce_scatter_into
-
-
-@dataclass
-class AllReduceCounter:
-    """Number of activation all-reduces (forward) and gradient all-reduces (backward) done by f and g."""
-
-    forward: int = 0
-    backward: int = 0
-    enabled: bool = False
-
-
-ALLREDUCE_COUNTER = AllReduceCounter()
-
-
-@contextmanager
-def count_all_reduces() -> Iterator[AllReduceCounter]:
-    """Reset ALLREDUCE_COUNTER, count all-reduces made by f and g inside the block, and yield the counter."""
-    previously_enabled = ALLREDUCE_COUNTER.enabled
-    ALLREDUCE_COUNTER.forward = ALLREDUCE_COUNTER.backward = 0
-    ALLREDUCE_COUNTER.enabled = True
-    try:
-        yield ALLREDUCE_COUNTER
-    finally:
-        ALLREDUCE_COUNTER.enabled = previously_enabled
-
-
-def _summed_copy(x: Tensor, group: Optional[dist.ProcessGroup], in_backward: bool) -> Tensor:
-    """Sum of x over the group, in a new tensor (x itself is left untouched)."""
-    if ALLREDUCE_COUNTER.enabled:
-        if in_backward:
-            ALLREDUCE_COUNTER.backward += 1
-        else:
-            ALLREDUCE_COUNTER.forward += 1
-    return all_reduce(x.clone(memory_format=torch.contiguous_format), group)
 
 
 def _split_last_dim(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
@@ -156,7 +119,7 @@ class _CopyToRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _summed_copy(grad, ctx.group, in_backward=True), None
+        return all_reduce(grad.contiguous(), ctx.group), None
 
 
 class _ReduceFromRegion(torch.autograd.Function):
@@ -164,7 +127,10 @@ class _ReduceFromRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
-        return _summed_copy(x, group, in_backward=False)
+        if not x.is_contiguous():
+            return all_reduce(x.contiguous(), group)
+        ctx.mark_dirty(x)
+        return all_reduce(x, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
@@ -205,7 +171,7 @@ def copy_to_tensor_model_parallel_region(x: Tensor, group: Optional[dist.Process
 
 
 def reduce_from_tensor_model_parallel_region(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
-    """g: Y = all-reduce(X) in forward; dL/dX = dL/dY in backward."""
+    """g: Y = all-reduce(X) in forward (X itself is overwritten when contiguous); dL/dX = dL/dY in backward."""
     if group_size(group) == 1:
         return x
     return _ReduceFromRegion.apply(x, group)

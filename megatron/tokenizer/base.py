@@ -27,6 +27,13 @@ def require_file(path: str | None, flag: str, tokenizer_type: str) -> str:
     return path
 
 
+def sentinel_tokens(count: int) -> list[str]:
+    """The T5 sentinels of --vocab-extra-ids: <extra_id_0>, <extra_id_1>, ... (Megatron-LM's names)."""
+    if count < 0:
+        raise TokenizerConfigError(f"--vocab-extra-ids must be >= 0 (got {count})")
+    return [f"<extra_id_{i}>" for i in range(count)]
+
+
 class AbstractTokenizer(ABC):
     """Megatron's tokenizer interface: vocabulary, text <-> ids, and the ids of special tokens."""
 

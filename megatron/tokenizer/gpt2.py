@@ -19,6 +19,10 @@ replacement characters for invalid bytes (OpenAI's `errors='replace'`).
 
 `<|endoftext|>` (id 50256 in GPT-2) is the end-of-document id. As in OpenAI's and Megatron-LM's code it is
 *not* recognised inside text: the string "<|endoftext|>" in a document is tokenized as ordinary characters.
+
+`vocab_extra_ids` T5 sentinels <extra_id_0>, ... get the ids after the vocabulary (50257, ... for GPT-2),
+as Megatron-LM's BERT and SentencePiece tokenizers add them (its GPT-2 tokenizer drops the flag). Like
+<|endoftext|> they are ids only: text never tokenizes to them; detokenize writes their names.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import regex
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from .base import DictVocabTokenizer, TokenizerConfigError, require_file
+from .base import DictVocabTokenizer, TokenizerConfigError, require_file, sentinel_tokens
 
 EOD_TOKEN = "<|endoftext|>"
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -38,7 +42,7 @@ class GPT2BPETokenizer(DictVocabTokenizer):
 
     name = "GPT2BPETokenizer"
 
-    def __init__(self, vocab_file: str | None, merge_file: str | None) -> None:
+    def __init__(self, vocab_file: str | None, merge_file: str | None, vocab_extra_ids: int = 0) -> None:
         require_file(vocab_file, "--vocab-file", self.name)
         require_file(merge_file, "--merge-file", self.name)
         try:
@@ -55,6 +59,14 @@ class GPT2BPETokenizer(DictVocabTokenizer):
         if EOD_TOKEN not in self._vocab:
             raise TokenizerConfigError(f"--vocab-file {vocab_file} has no {EOD_TOKEN} token")
         self._eod = self._vocab[EOD_TOKEN]
+        self._bpe_size = len(self._vocab)
+        self.additional_special_tokens = sentinel_tokens(vocab_extra_ids)
+        for (
+            token
+        ) in self.additional_special_tokens:  # Megatron's add_token: a token already there keeps its id
+            if token not in self._vocab:
+                self._vocab[token] = len(self._vocab)
+                self._inv_vocab[self._vocab[token]] = token
         self._split = regex.compile(GPT2_SPLIT_PATTERN)
         self._cache: dict[str, list[int]] = {}
 
@@ -76,7 +88,22 @@ class GPT2BPETokenizer(DictVocabTokenizer):
         return piece_ids
 
     def detokenize(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+        """Byte-level decoding of runs of BPE ids; a sentinel id gives its name."""
+        text, run = [], []
+        for i in (int(i) for i in ids):
+            if i < self._bpe_size:
+                run.append(i)
+                continue
+            text.append(self._tokenizer.decode(run, skip_special_tokens=False) if run else "")
+            text.append(self._inv_vocab[i])
+            run = []
+        text.append(self._tokenizer.decode(run, skip_special_tokens=False) if run else "")
+        return "".join(text)
+
+    @property
+    def additional_special_tokens_ids(self) -> list[int]:
+        """Ids of the T5 sentinels <extra_id_i>, in order."""
+        return [self._vocab[token] for token in self.additional_special_tokens]
 
     @property
     def eod(self) -> int:

@@ -10,6 +10,10 @@ Which token is eos/bos/pad/cls/sep/mask is not stored in tokenizer.json; it is r
 `tokenizer_config.json` and then `special_tokens_map.json` (which wins) in the same folder, the way
 transformers reads them. A role that neither file names gives None (like transformers' `eos_token_id`).
 `eod` is the eos id, as in Megatron-LM.
+
+`vocab_extra_ids` adds the T5 sentinels <extra_id_0>, ... as special tokens (recognised in text, as a T5
+tokenizer.json has them), after the file's vocabulary; those the file already has keep their ids.
+Megatron-LM's HuggingFaceTokenizer drops the flag.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any, Optional
 
 from tokenizers import Tokenizer
 
-from .base import DictVocabTokenizer, TokenizerConfigError
+from .base import DictVocabTokenizer, TokenizerConfigError, sentinel_tokens
 
 TOKENIZER_FILE = "tokenizer.json"
 SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # later files override earlier ones
@@ -60,7 +64,7 @@ class HuggingFaceTokenizer(DictVocabTokenizer):
 
     name = "HuggingFaceTokenizer"
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(self, path: str | None, vocab_extra_ids: int = 0) -> None:
         if path is None:
             raise TokenizerConfigError(
                 f"{self.name} needs --tokenizer-model (a tokenizer.json file or a folder holding one)"
@@ -76,6 +80,8 @@ class HuggingFaceTokenizer(DictVocabTokenizer):
             ) from error
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
+        self.additional_special_tokens = sentinel_tokens(vocab_extra_ids)
+        self._tokenizer.add_special_tokens(self.additional_special_tokens)
         self._vocab = self._tokenizer.get_vocab(with_added_tokens=True)
         self._inv_vocab = {i: token for token, i in self._vocab.items()}
         folder = os.path.dirname(os.path.abspath(file))
@@ -86,6 +92,11 @@ class HuggingFaceTokenizer(DictVocabTokenizer):
     @property
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def additional_special_tokens_ids(self) -> list[int]:
+        """Ids of the T5 sentinels <extra_id_i>, in order."""
+        return [self._vocab[token] for token in self.additional_special_tokens]
 
     def tokenize(self, text: str) -> list[int]:
         return self._tokenizer.encode(text).ids

@@ -2,12 +2,14 @@
 
 Megatron-LM's semantics: with `--vocab-size V`, ids 0..V-1 are ordinary tokens and V is the
 end-of-document id, so `vocab_size` is V + 1 and `eod == vocab_size - 1`. CLS/SEP/MASK are -1 (Megatron's
-placeholders). An id outside [0, V] is refused, since it could not be embedded.
+placeholders). With `vocab_extra_ids` N, ids V+1 .. V+N are the T5 sentinels <extra_id_0> .. (as
+Megatron-LM's BERT and SentencePiece tokenizers add them; its NullTokenizer drops the flag) and
+`vocab_size` is V + 1 + N. An id outside [0, vocab_size) is refused, since it could not be embedded.
 """
 
 from __future__ import annotations
 
-from .base import AbstractTokenizer, TokenizerConfigError
+from .base import AbstractTokenizer, TokenizerConfigError, sentinel_tokens
 
 
 class NullTokenizer(AbstractTokenizer):
@@ -15,14 +17,20 @@ class NullTokenizer(AbstractTokenizer):
 
     name = "NullTokenizer"
 
-    def __init__(self, vocab_size: int | None) -> None:
+    def __init__(self, vocab_size: int | None, vocab_extra_ids: int = 0) -> None:
         if vocab_size is None or int(vocab_size) <= 0:
             raise TokenizerConfigError(f"{self.name} needs --vocab-size > 0 (got {vocab_size})")
         self._eod = int(vocab_size)
+        self.additional_special_tokens = sentinel_tokens(vocab_extra_ids)
 
     @property
     def vocab_size(self) -> int:
-        return self._eod + 1
+        return self._eod + 1 + len(self.additional_special_tokens)
+
+    @property
+    def additional_special_tokens_ids(self) -> list[int]:
+        """Ids of the T5 sentinels <extra_id_i>, in order (right after the end-of-document id)."""
+        return list(range(self._eod + 1, self.vocab_size))
 
     @property
     def vocab(self) -> dict[str, int]:

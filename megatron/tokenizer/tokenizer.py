@@ -22,7 +22,7 @@ from .null import NullTokenizer
 from .sentencepiece_tokenizer import SentencePieceTokenizer
 
 _BUILDERS: dict[str, Callable[[Any], AbstractTokenizer]] = {
-    "GPT2BPETokenizer": lambda c: GPT2BPETokenizer(c.vocab_file, c.merge_file),
+    "GPT2BPETokenizer": lambda c: GPT2BPETokenizer(c.vocab_file, c.merge_file, c.vocab_extra_ids),
     "BertWordPieceLowerCase": lambda c: BertWordPieceTokenizer(
         c.vocab_file, lower_case=True, vocab_extra_ids=getattr(c, "vocab_extra_ids", 0)
     ),
@@ -32,9 +32,9 @@ _BUILDERS: dict[str, Callable[[Any], AbstractTokenizer]] = {
     "SentencePieceTokenizer": lambda c: SentencePieceTokenizer(
         c.tokenizer_model, vocab_extra_ids=getattr(c, "vocab_extra_ids", 0)
     ),
-    "HuggingFaceTokenizer": lambda c: HuggingFaceTokenizer(c.tokenizer_model),
+    "HuggingFaceTokenizer": lambda c: HuggingFaceTokenizer(c.tokenizer_model, c.vocab_extra_ids),
     "Llama2Tokenizer": lambda c: Llama2Tokenizer(c.tokenizer_model),
-    "NullTokenizer": lambda c: NullTokenizer(c.vocab_size),
+    "NullTokenizer": lambda c: NullTokenizer(c.vocab_size, c.vocab_extra_ids),
 }
 TOKENIZER_TYPES: tuple[str, ...] = tuple(_BUILDERS)
 

@@ -114,27 +114,35 @@ def split_last_word(text: str) -> tuple[str, str]:
 
 
 def lambada_tokens(text: str, tokenizer: AbstractTokenizer, strict: bool) -> tuple[list[int], list[int]]:
-    """(context ids, target ids) of one LAMBADA passage; the target is the last word.
+    """(context ids, target ids) of one LAMBADA passage, as Megatron-LM's tasks/zeroshot_gpt cuts it.
 
-    strict (Megatron's --strict-lambada): the context and " " + last word are tokenized separately, so
-    the target is exactly the last word's own tokens.
-    default: the whole passage is tokenized once; the target is what lies beyond the first
-    len(tokenize(context)) tokens (at least the final token), i.e. the last word as the tokenizer splits
-    it inside the passage.
+    default: the whole passage is tokenized once and the target is its final token only (for a last
+    word of several tokens, only its last piece is predicted, from context that includes the others).
+    strict (--strict-lambada): the target is the last whitespace-separated word, tokenized on its own as
+    " " + word; the context is the text before it, stripped, tokenized separately; every token of the
+    word must be predicted right.
     """
     context, last = split_last_word(text)
-    context_ids = tokenizer.tokenize(context)
     if strict:
-        return context_ids, tokenizer.tokenize(" " + last)
+        return tokenizer.tokenize(context), tokenizer.tokenize(" " + last)
     full = tokenizer.tokenize(text)
-    cut = min(len(context_ids), len(full) - 1)
-    return full[:cut], full[cut:]
+    return full[:-1], full[-1:]
+
+
+def lambada_protocol(strict: bool) -> str:
+    """The protocol named in the result line."""
+    if strict:
+        return (
+            'strict (--strict-lambada: last word tokenized on its own as " " + word, all its tokens scored)'
+        )
+    return "default (final token of the tokenized passage scored, as Megatron-LM)"
 
 
 class LambadaDataset(Dataset):
     """LAMBADA passages from a JSONL file ({"text": ...} per line): the target tokens are scored.
 
-    An example longer than seq_length + 1 tokens loses the start of its context.
+    An example longer than seq_length + 1 tokens loses the start of its context (Megatron-LM has no rule
+    for such a passage: its batch would not stack).
     """
 
     def __init__(self, path: str, tokenizer: AbstractTokenizer, seq_length: int, strict: bool) -> None:

@@ -18,7 +18,8 @@ W = WikiText's original token count, see `count_original_tokens`):
 
 (each exp capped at exp(20)). The adjusted perplexity is per WikiText token, so models with different
 tokenizers can be compared. LAMBADA: an example is correct when the greedy (argmax) prediction is right at
-every token of the last word; accuracy = correct / examples.
+every scored token (see `lambada_tokens`: the passage's final token by default, every token of the last
+word with --strict-lambada); accuracy = correct / examples.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from megatron.parallel.state import ParallelState, print_rank_0
 from megatron.run_state import padded_vocab_size
 from megatron.tokenizer import AbstractTokenizer
 from tasks.eval_utils import model_device, sum_over_dataset
-from tasks.zeroshot_gpt.datasets import LambadaDataset, build_wikitext_data
+from tasks.zeroshot_gpt.datasets import LambadaDataset, build_wikitext_data, lambada_protocol
 
 MAX_EXP = 20.0  # Megatron caps the exponent of its perplexities
 
@@ -128,11 +129,7 @@ def evaluate_lambada(
     """Cloze accuracy of `model` on the LAMBADA JSONL file --valid-data; prints and returns it."""
     dataset = LambadaDataset(args.valid_data[0], tokenizer, args.seq_length, args.strict_lambada)
     correct = sum_over_dataset(dataset, batch_num_correct, model, args.eval_micro_batch_size, parallel)
-    protocol = (
-        "strict (last word tokenized on its own)"
-        if args.strict_lambada
-        else "default (whole passage tokenized; target = tokens beyond the context's)"
-    )
+    protocol = lambada_protocol(args.strict_lambada)
     accuracy = correct / len(dataset)
     print_rank_0(
         parallel,
