@@ -11,8 +11,8 @@ parameter buffer, including its padding to a multiple of DP per bucket); gradien
 buffer; optimizer = after one step, the distinct storages of the torch optimizer's state (Adam moments,
 step counters) and of the fp32 master weights that are not model parameters; activations = the distinct
 storages saved for backward (torch.autograd.graph.saved_tensors_hooks) while the transformer layers run
-their forward on one micro batch, parameters excluded, divided by the number of layers. On CUDA the
-script also prints torch.cuda.max_memory_allocated().
+their forward on one micro batch, parameters excluded, divided by the number of layers. CPU only (gloo):
+the activation formula is this code's on CPU; on CUDA other SDPA kernels and 1-byte dropout masks change it.
 
 The formulas (bytes per rank; P = parameters held by this rank, d = DP size, t = TP size):
     weights B P (B = 4 fp32, 2 bf16);  gradients 4 P;
