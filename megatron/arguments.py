@@ -173,6 +173,15 @@ def _check_model_args(args: argparse.Namespace, fail: Callable[[str], NoReturn])
         value = getattr(args, flag)
         if not 0.0 <= value < 1.0:
             fail(f"--{flag.replace('_', '-')} must be in [0, 1), got {value}")
+    if args.sequence_parallel and tp == 1:
+        if launcher_ranks()[0] == 0:
+            print("note: --sequence-parallel ignored: it needs --tensor-model-parallel-size > 1", flush=True)
+        args.sequence_parallel = False
+    if args.sequence_parallel and args.seq_length % tp != 0:
+        fail(
+            f"--sequence-parallel splits the sequence over the tensor-parallel ranks: --seq-length "
+            f"{args.seq_length} is not divisible by --tensor-model-parallel-size {tp}"
+        )
 
 
 def _add_regularization_args(parser: argparse.ArgumentParser) -> None:
@@ -392,6 +401,21 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
         help="All-reduce gradients after the backward pass instead of overlapping with it.",
     )
     g.add_argument("--ddp-bucket-size", type=int, default=40_000_000, help="Elements per gradient bucket.")
+    g.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="With tensor parallelism: layernorm, dropout and residual on s/t of the sequence each.",
+    )
+    g.add_argument(
+        "--use-distributed-optimizer",
+        action="store_true",
+        help="ZeRO-1: shard the fp32 main weights and Adam state over the data-parallel group.",
+    )
+    g.add_argument(
+        "--overlap-param-gather",
+        action="store_true",
+        help="Overlap the distributed optimizer's parameter all-gather with the next forward pass.",
+    )
 
 
 def _check_distributed_args(args: argparse.Namespace, fail: Callable[[str], NoReturn]) -> None:
@@ -412,6 +436,14 @@ def _check_distributed_args(args: argparse.Namespace, fail: Callable[[str], NoRe
     if args.distributed_backend == "nccl" and args.world_size > 1 and not torch.cuda.is_available():
         fail(
             "--distributed-backend nccl needs CUDA GPUs, and none is visible: use --distributed-backend gloo"
+        )
+    if args.use_distributed_optimizer and args.optimizer != "adam":
+        fail(
+            f"--use-distributed-optimizer shards Adam's state only: --optimizer {args.optimizer} cannot be sharded"
+        )
+    if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
+        fail(
+            "--overlap-param-gather needs --use-distributed-optimizer (and the default --overlap-grad-reduce)"
         )
 
 
@@ -659,5 +691,6 @@ def transformer_config_from_args(
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         embedding_layernorm=args.embedding_layernorm,
         recompute_granularity=args.recompute_granularity,
+        sequence_parallel=args.sequence_parallel,
         params_dtype=args.params_dtype,
     )

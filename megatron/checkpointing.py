@@ -55,6 +55,11 @@ from megatron.checkpoint_format import (
     to_megatron_state_dict,
     tracker_text,
 )
+from megatron.optimizer.distrib_optim import (
+    DISTRIB_OPTIM_FILENAME,
+    load_optimizer_state,
+    sharded_optimizer_state,
+)
 from megatron.parallel.collectives import all_ranks
 from megatron.parallel.random import get_rng_tracker
 from megatron.parallel.state import ParallelState, print_rank_0
@@ -116,6 +121,7 @@ def save_checkpoint(
     token = _agree_on_token(save_dir, parallel)
     temp_dir = f"{final_dir}.tmp-{token}"
     rng_states = _gather_rng_states(parallel) if save_rng else None
+    distrib_optim_state = sharded_optimizer_state(optimizer)  # collective over DP; None unless ZeRO
 
     error: Optional[Exception] = None
     if parallel.dp_rank == 0:  # one writer per TP rank
@@ -135,6 +141,9 @@ def save_checkpoint(
             if save_rng:
                 state["rng_state"] = rng_states
             _write_file_atomically(state, shard_path)
+            if distrib_optim_state is not None:
+                distrib_path = os.path.join(os.path.dirname(shard_path), DISTRIB_OPTIM_FILENAME)
+                _write_file_atomically(distrib_optim_state, distrib_path)
         except Exception as e:  # reported on every rank below, so that no rank waits forever
             error = e
     _raise_unless_all_succeeded(
@@ -344,9 +353,16 @@ def load_checkpoint(
 
     restore_training_state = not (release or finetune)
     if restore_training_state and not no_load_optim:
-        for key, target in (("optimizer", optimizer), ("opt_param_scheduler", opt_param_scheduler)):
-            if target is not None:
-                target.load_state_dict(_require(state, key, path, "--no-load-optim"))
+        if (
+            optimizer is not None
+        ):  # reads distrib_optim.pt beside `path` when the distributed optimizer saved it
+            load_optimizer_state(
+                optimizer, _require(state, "optimizer", path, "--no-load-optim"), os.path.dirname(path)
+            )
+        if opt_param_scheduler is not None:
+            opt_param_scheduler.load_state_dict(
+                _require(state, "opt_param_scheduler", path, "--no-load-optim")
+            )
     if restore_training_state and not no_load_rng:
         _restore_rng_state(_require(state, "rng_state", path, "--no-load-rng"), parallel.dp_rank)
 

@@ -57,10 +57,7 @@ RENAMED_SWITCHES = {
     ),
 }
 # flag -> what is missing, for flags whose result this project cannot produce.
-UNSUPPORTED = {
-    "--sequence-parallel": "sequence parallelism is not implemented (tensor and data parallelism only)",
-    "--use-distributed-optimizer": "the ZeRO-style distributed optimizer is not implemented",
-}
+UNSUPPORTED = {}
 
 
 def add_compat_args(parser: argparse.ArgumentParser) -> None:

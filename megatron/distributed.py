@@ -25,6 +25,31 @@ of all its parameters have run, so communication overlaps with the rest of backw
 launches the buckets still pending (parameters that got no gradient, or overlap disabled) and waits for
 all of them. With D = 1 there is no communication at all.
 
+Distributed optimizer (ZeRO-1, `use_distributed_optimizer=True`). Each bucket is padded with zeros to a
+multiple of D elements and cut into D contiguous shards of S = padded/D elements, ignoring parameter
+boundaries: DP rank r owns elements [r S, (r + 1) S) of every bucket (with a single bucket, the default
+for models under 40M parameters per rank, that is the whole buffer cut into D contiguous shards). A
+complete bucket is divided by D and reduce-scattered (SUM) instead of all-reduced, so after
+`finish_grad_sync()` rank r's shard holds
+
+    main_grad[r S : (r + 1) S] = (1/D) * sum_r' g_r'[r S : (r + 1) S]
+
+and the rest of the bucket holds stale local values that nobody reads. The model's parameters then live
+in `param_buffer`, one tensor of the model's dtype with the same layout as the gradient buffer (each
+parameter's `.data` is a view into it), so after the optimizer updated rank r's shard of the parameters,
+one all-gather per bucket,
+
+    param_buffer[bucket] = concat_r' param_buffer[bucket][r' S : (r' + 1) S],
+
+gives every rank the updated weights (`start_param_gather`). With `overlap_param_gather` the all-gathers
+run asynchronously and a forward pre-hook on each module waits only for the buckets holding that
+module's parameters, so the gather overlaps with the next forward pass.
+
+Sequence parallelism. A parameter marked `sequence_parallel` (duplicated over TP but applied to this
+rank's s/t positions only: layernorms, row-parallel biases) has on each TP rank the gradient of its own
+positions; `finish_grad_sync()` completes it with one all-reduce (SUM) over the TP group of all such
+gradients, flattened together, after the DP reduction (both are sums, so the order does not matter).
+
 One training iteration:
 
     ddp.zero_grad_buffer()
@@ -45,36 +70,85 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from megatron.parallel.collectives import all_gather_into, all_reduce, reduce_scatter_into
 from megatron.parallel.state import ParallelState
 
 
 class _Bucket:
-    """A contiguous slice of the gradient buffer holding the main_grad of a few parameters."""
+    """A contiguous slice of the gradient buffer holding the main_grad of a few parameters.
 
-    def __init__(self, data: Tensor, params: list[nn.Parameter]) -> None:
+    `offsets[i]` is where params[i] starts inside `data`; `data` may end with zero padding (sharded case).
+    """
+
+    def __init__(self, data: Tensor, params: list[nn.Parameter], offsets: list[int], sharded: bool) -> None:
         self.data = data
         self.params = params
+        self.offsets = offsets
+        self.sharded = sharded
+        self.param_data: Optional[Tensor] = None  # the same slice of the parameter buffer (sharded case)
         self.ready: set[nn.Parameter] = set()
         self.handle: Optional[dist.Work] = None
+        self.gather_handle: Optional[dist.Work] = None
         self.reduced = False
+
+    def shard_range(self, parallel: ParallelState) -> tuple[int, int]:
+        """[start, end) of this DP rank's shard inside the bucket: S = numel / D elements at dp_rank * S."""
+        size = self.data.numel() // parallel.dp_size
+        return parallel.dp_rank * size, (parallel.dp_rank + 1) * size
 
     def reset(self) -> None:
         self.ready.clear()
         self.handle = None
         self.reduced = False
 
-    def launch_all_reduce(self, parallel: ParallelState) -> None:
-        """Average this bucket over the DP group: divide by D, then start an asynchronous SUM all-reduce."""
+    def launch_reduce(self, parallel: ParallelState) -> None:
+        """Average this bucket over the DP group: divide by D, then start an asynchronous SUM all-reduce,
+        or, sharded, a SUM reduce-scatter into this rank's shard."""
         self.data.div_(parallel.dp_size)
-        self.handle = dist.all_reduce(self.data, op=dist.ReduceOp.SUM, group=parallel.dp_group, async_op=True)
+        if self.sharded:
+            start, end = self.shard_range(parallel)
+            self.handle = reduce_scatter_into(
+                self.data[start:end], self.data, parallel.dp_group, async_op=True
+            )
+        else:
+            self.handle = dist.all_reduce(
+                self.data, op=dist.ReduceOp.SUM, group=parallel.dp_group, async_op=True
+            )
         self.reduced = True
+
+    def launch_param_gather(self, parallel: ParallelState) -> None:
+        """Start the all-gather of every rank's shard of the parameters into the whole bucket."""
+        start, end = self.shard_range(parallel)
+        self.gather_handle = all_gather_into(
+            self.param_data, self.param_data[start:end], parallel.dp_group, async_op=True
+        )
+
+    def wait_param_gather(self) -> None:
+        if self.gather_handle is not None:
+            self.gather_handle.wait()
+            self.gather_handle = None
+
+
+def _bucket_param_lists(params: list[nn.Parameter], bucket_size: int) -> list[list[nn.Parameter]]:
+    """Consecutive groups of `params`, each closed as soon as it holds at least `bucket_size` elements."""
+    groups: list[list[nn.Parameter]] = [[]]
+    numel = 0
+    for param in params:
+        if numel >= bucket_size:
+            groups.append([])
+            numel = 0
+        groups[-1].append(param)
+        numel += param.numel()
+    return groups if groups[0] else []
 
 
 class DistributedDataParallel(nn.Module):
     """Wrap `module` so that its gradients land in fp32 `main_grad` buffers, averaged over the DP group.
 
     `bucket_size` is in elements. `overlap_grad_reduce=False` defers every all-reduce to
-    `finish_grad_sync()` (no overlap with backward; the result is identical).
+    `finish_grad_sync()` (no overlap with backward; the result is identical). `use_distributed_optimizer`
+    shards each bucket over the DP group (reduce-scatter, parameter buffer; see the module docstring) and
+    `overlap_param_gather` overlaps the parameter all-gather with the next forward.
     """
 
     def __init__(
@@ -83,33 +157,63 @@ class DistributedDataParallel(nn.Module):
         parallel: ParallelState,
         bucket_size: int = 40_000_000,
         overlap_grad_reduce: bool = True,
+        use_distributed_optimizer: bool = False,
+        overlap_param_gather: bool = False,
     ) -> None:
         super().__init__()
         if bucket_size < 1:
             raise ValueError(f"bucket_size must be a positive number of elements, got {bucket_size}")
+        if overlap_param_gather and not use_distributed_optimizer:
+            raise ValueError("--overlap-param-gather needs --use-distributed-optimizer")
         self.module = module
         self.parallel = parallel
         self.overlap_grad_reduce = overlap_grad_reduce
+        self.use_distributed_optimizer = use_distributed_optimizer
+        self.overlap_param_gather = overlap_param_gather
         self._sync_enabled = True
 
         params = [p for p in module.parameters() if p.requires_grad][::-1]
-        numel = sum(p.numel() for p in params)
+        self._sequence_parallel_params = [p for p in params if getattr(p, "sequence_parallel", False)]
+        groups = _bucket_param_lists(params, bucket_size)
+        multiple = parallel.dp_size if use_distributed_optimizer else 1
+        sizes = [-(-sum(p.numel() for p in g) // multiple) * multiple for g in groups]  # padded up
         device = params[0].device if params else torch.device("cpu")
-        self.grad_buffer = torch.zeros(numel, dtype=torch.float32, device=device)
+        self.grad_buffer = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
+        self.param_buffer: Optional[Tensor] = None
+        if use_distributed_optimizer:
+            dtypes = {p.dtype for p in params}
+            if len(dtypes) > 1:
+                raise ValueError(
+                    f"the distributed optimizer needs one parameter dtype, the model has {dtypes}"
+                )
+            self.param_buffer = torch.zeros(sum(sizes), dtype=params[0].dtype, device=device)
 
         self.buckets: list[_Bucket] = []
         self._bucket_of: dict[nn.Parameter, _Bucket] = {}
-        offset, bucket_start, bucket_params = 0, 0, []
-        for index, param in enumerate(params):
-            param.main_grad = self.grad_buffer[offset : offset + param.numel()].view(param.shape)
-            offset += param.numel()
-            bucket_params.append(param)
-            if offset - bucket_start >= bucket_size or index == len(params) - 1:
-                bucket = _Bucket(self.grad_buffer[bucket_start:offset], bucket_params)
-                self.buckets.append(bucket)
-                self._bucket_of.update((p, bucket) for p in bucket_params)
-                bucket_start, bucket_params = offset, []
-            param.register_post_accumulate_grad_hook(self._grad_ready_hook)
+        bucket_start = 0
+        for group, size in zip(groups, sizes):
+            offsets, offset = [], 0
+            for param in group:
+                offsets.append(offset)
+                where = slice(bucket_start + offset, bucket_start + offset + param.numel())
+                param.main_grad = self.grad_buffer[where].view(param.shape)
+                if self.param_buffer is not None:
+                    self.param_buffer[where].copy_(param.data.view(-1))
+                    param.data = self.param_buffer[where].view(param.shape)
+                offset += param.numel()
+                param.register_post_accumulate_grad_hook(self._grad_ready_hook)
+            bucket = _Bucket(
+                self.grad_buffer[bucket_start : bucket_start + size], group, offsets, multiple > 1
+            )
+            if self.param_buffer is not None:
+                bucket.param_data = self.param_buffer[bucket_start : bucket_start + size]
+            self.buckets.append(bucket)
+            self._bucket_of.update((p, bucket) for p in group)
+            bucket_start += size
+        if overlap_param_gather:
+            for submodule in module.modules():
+                if any(p in self._bucket_of for p in submodule.parameters(recurse=False)):
+                    submodule.register_forward_pre_hook(self._wait_for_own_params_hook)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
@@ -129,7 +233,7 @@ class DistributedDataParallel(nn.Module):
             return
         bucket.ready.add(param)
         if self.overlap_grad_reduce and self.parallel.dp_size > 1 and len(bucket.ready) == len(bucket.params):
-            bucket.launch_all_reduce(self.parallel)
+            bucket.launch_reduce(self.parallel)
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -142,16 +246,49 @@ class DistributedDataParallel(nn.Module):
             self._sync_enabled = previous
 
     def finish_grad_sync(self) -> None:
-        """Launch the all-reduces not yet started and wait for all; then main_grad is DP-averaged."""
+        """Launch the DP reductions not yet started and wait for all; then main_grad is DP-averaged.
+        Then the gradients of sequence-parallel parameters are summed over the TP group."""
+        if self.parallel.dp_size > 1:
+            for bucket in self.buckets:
+                if not bucket.reduced:
+                    bucket.launch_reduce(self.parallel)
+            for bucket in self.buckets:
+                if bucket.handle is not None:
+                    bucket.handle.wait()
+                    bucket.handle = None
+        self._all_reduce_sequence_parallel_grads()
+
+    def _all_reduce_sequence_parallel_grads(self) -> None:
+        """main_grad <- sum over TP ranks of main_grad, for every parameter marked `sequence_parallel`."""
+        grads = [param.main_grad for param in self._sequence_parallel_params]
+        if not grads or self.parallel.tp_group is None:
+            return
+        flat = all_reduce(torch.cat([grad.view(-1) for grad in grads]), self.parallel.tp_group)
+        torch._foreach_copy_(
+            grads, [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        )
+
+    def start_param_gather(self) -> None:
+        """All-gather every bucket's updated parameter shards (distributed optimizer): asynchronously with
+        overlap_param_gather (forward pre-hooks wait), otherwise waited for here."""
         if self.parallel.dp_size == 1:
             return
         for bucket in self.buckets:
-            if not bucket.reduced:
-                bucket.launch_all_reduce(self.parallel)
+            bucket.launch_param_gather(self.parallel)
+        if not self.overlap_param_gather:
+            self.finish_param_gather()
+
+    def finish_param_gather(self) -> None:
+        """Wait for every parameter all-gather still in flight (before a checkpoint or the next step)."""
         for bucket in self.buckets:
-            if bucket.handle is not None:
-                bucket.handle.wait()
-                bucket.handle = None
+            bucket.wait_param_gather()
+
+    def _wait_for_own_params_hook(self, module: nn.Module, args: Any) -> None:
+        """Forward pre-hook: wait for the all-gathers of the buckets holding this module's parameters."""
+        for param in module.parameters(recurse=False):
+            bucket = self._bucket_of.get(param)
+            if bucket is not None:
+                bucket.wait_param_gather()
 
     def zero_grad_buffer(self) -> None:
         """Zero every main_grad (and drop any stray param.grad) before the next iteration's backward."""

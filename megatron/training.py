@@ -88,6 +88,7 @@ def optimizer_config_from_args(args: argparse.Namespace) -> OptimizerConfig:
         min_loss_scale=args.min_loss_scale,
         loss_scale_window=args.loss_scale_window,
         hysteresis=args.hysteresis,
+        use_distributed_optimizer=args.use_distributed_optimizer,
         log_num_zeros_in_grad=args.log_num_zeros_in_grad,
     )
 
@@ -253,7 +254,12 @@ def setup_model_and_optimizer(
     if torch.cuda.is_available():
         model = model.cuda()
     model = DistributedDataParallel(
-        model, parallel, bucket_size=args.ddp_bucket_size, overlap_grad_reduce=args.overlap_grad_reduce
+        model,
+        parallel,
+        bucket_size=args.ddp_bucket_size,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_param_gather=args.overlap_param_gather,
     )
     optimizer = build_optimizer(model, optimizer_config_from_args(args), parallel)
     scheduler = build_scheduler(optimizer, args)
@@ -452,6 +458,7 @@ def _train_loop(
 
     def save() -> None:
         if args.save:
+            model.finish_param_gather()  # the weights must be complete before they are written
             save_checkpoint(run.iteration, model.module, optimizer, scheduler, run.checkpoint_args(args),
                             parallel, args.save, save_optim=not args.no_save_optim,
                             save_rng=not args.no_save_rng)  # fmt: skip
@@ -492,3 +499,4 @@ def _train_loop(
             return
     if not (args.save_interval and run.iteration % args.save_interval == 0):
         save()
+    model.finish_param_gather()

@@ -29,6 +29,9 @@ LAUNCHER_FLAGS = {"--local-rank": "megatron/arguments.py launcher_ranks() reads 
 # flag -> "tests/<file>.py::<test function>" that exercises what the flag changes.
 FLAG_TESTS = {
     "--num-layers": "tests/test_training.py::test_checkpoint_of_another_shape_is_named_in_flags",
+    "--use-distributed-optimizer": "tests/test_distrib_optim.py::test_dp2_matches_plain_optimizer_with_dropout",
+    "--overlap-param-gather": "tests/test_distrib_optim.py::test_dp2_matches_plain_optimizer_with_dropout",
+    "--sequence-parallel": "tests/test_sequence_parallel.py::test_tp2_sequence_parallel_matches_tensor_parallel",
     "--hidden-size": "tests/test_training.py::test_checkpoint_of_another_shape_is_named_in_flags",
     "--ffn-hidden-size": "tests/test_training.py::test_checkpoint_of_another_shape_is_named_in_flags",
     "--num-attention-heads": "tests/test_checkpoint_tools_hf.py::test_gpt_export_gives_our_logits_and_imports_back_bitwise",

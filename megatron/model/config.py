@@ -45,6 +45,7 @@ class TransformerConfig:
     num_tokentypes: int = 0  # 2 for BERT
     add_binary_head: bool = True  # BERT's next-sentence head
     recompute_granularity: Optional[str] = None  # None, "full" or "selective"
+    sequence_parallel: bool = False  # with TP > 1: norms, dropout, residuals on s/t of the sequence
     params_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:

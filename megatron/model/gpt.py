@@ -29,7 +29,10 @@ class GPTModel(nn.Module):
         super().__init__()
         self.parallel = parallel
         self.parallel_output = parallel_output
-        self.language_model = TransformerLanguageModel(config, parallel, causal=True, add_pooler=False)
+        self.sequence_parallel = config.sequence_parallel and parallel.tp_size > 1
+        self.language_model = TransformerLanguageModel(
+            config, parallel, causal=True, add_pooler=False, gather_sequence_output=False
+        )
 
     def forward(
         self,
@@ -62,7 +65,10 @@ class GPTModel(nn.Module):
             allowed = ~attention_mask
         hidden, _ = self.language_model(input_ids, position_ids, allowed, inference_params=inference_params)
         weight = self.language_model.output_weight()
+        sp = self.sequence_parallel  # hidden holds this rank's s/p positions: gathered for the output layer
         if labels is None:
-            return parallel_lm_logits(hidden, weight, self.parallel, self.parallel_output)
-        logits = parallel_lm_logits(hidden, weight, self.parallel, parallel_output=True)
+            return parallel_lm_logits(
+                hidden, weight, self.parallel, self.parallel_output, sequence_parallel=sp
+            )
+        logits = parallel_lm_logits(hidden, weight, self.parallel, parallel_output=True, sequence_parallel=sp)
         return vocab_parallel_cross_entropy(logits.float(), labels, self.parallel.tp_group)

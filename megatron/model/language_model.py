@@ -8,6 +8,11 @@ vocabulary as well and the loss is computed without gathering them (vocab-parall
 over the vocabulary the same way (column-parallel, no bias; Megatron's `language_model.output_layer`).
 With RoPE there are no position embeddings: the language model turns the position ids into the rotary
 angles that every attention layer applies to its queries and keys.
+
+With sequence parallelism the embedding output is scattered over the sequence (rank r keeps positions
+r s/p .. (r + 1) s/p - 1) before its dropout, the encoder works on those positions, and the sequence is
+all-gathered again before the output layer (GPT: inside parallel_lm_logits, whose input gradient is then
+reduce-scattered) or before the pooler and heads (BERT: `gather_sequence_output`).
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ from megatron.model.utils import init_normal_
 from megatron.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from megatron.parallel.mappings import (
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
+    scatter_to_sequence_parallel_region,
 )
+from megatron.parallel.random import get_rng_tracker
 from megatron.parallel.state import ParallelState
 
 
@@ -44,15 +52,20 @@ def parallel_lm_logits(
     parallel: ParallelState,
     parallel_output: bool,
     bias: Optional[Tensor] = None,
+    sequence_parallel: bool = False,
 ) -> Tensor:
     """Logits with the tied output layer: f(hidden) @ E_r^T (+ bias_r) for this rank's vocabulary slice E_r.
 
     hidden [batch, seq, h], E_r [V/p, h] -> [batch, seq, V/p]; all-gathered to [batch, seq, V] when not
-    `parallel_output`. f is the identity forward and sums the input gradient over TP ranks backward.
+    `parallel_output`. f is the identity forward and sums the input gradient over TP ranks backward. With
+    `sequence_parallel` hidden is [batch, s/p, h] and is all-gathered over the sequence instead of f (its
+    gradient, a partial sum on each rank, is reduce-scattered back).
     """
-    logits = F.linear(
-        copy_to_tensor_model_parallel_region(hidden, parallel.tp_group), word_embeddings_weight, bias
-    )
+    if sequence_parallel:
+        hidden = gather_from_sequence_parallel_region(hidden, parallel.tp_group, grad_is_partial=True)
+    else:
+        hidden = copy_to_tensor_model_parallel_region(hidden, parallel.tp_group)
+    logits = F.linear(hidden, word_embeddings_weight, bias)
     if parallel_output:
         return logits
     return gather_from_tensor_model_parallel_region(logits, parallel.tp_group)
@@ -63,7 +76,8 @@ class Embedding(nn.Module):
 
     Positions are skipped with ALiBi; token types only exist when config.num_tokentypes > 0 (BERT: 2), and
     tokentype_ids None then means all zeros (the first segment). The dropout uses the default RNG stream, the
-    same on all TP ranks.
+    same on all TP ranks; with sequence parallelism the output is first scattered over the sequence and the
+    dropout draws from the TP-rank stream.
     """
 
     def __init__(self, config: TransformerConfig, parallel: ParallelState) -> None:
@@ -71,6 +85,8 @@ class Embedding(nn.Module):
         std, dtype = config.init_method_std, config.params_dtype
         self.dropout_p = config.hidden_dropout
         self.fp32_residual = config.fp32_residual_connection
+        self.sequence_parallel = config.sequence_parallel and parallel.tp_size > 1
+        self.tp_group = parallel.tp_group
         self.word_embeddings = VocabParallelEmbedding(
             config.padded_vocab_size, config.hidden_size, parallel=parallel, init_std=std, params_dtype=dtype
         )
@@ -107,6 +123,10 @@ class Embedding(nn.Module):
             x = x + self.tokentype_embeddings(tokentype_ids)
         if self.fp32_residual:
             x = x.float()
+        if self.sequence_parallel:
+            x = scatter_to_sequence_parallel_region(x, self.tp_group)
+            with get_rng_tracker().fork():
+                return F.dropout(x, p=self.dropout_p, training=self.training)
         return F.dropout(x, p=self.dropout_p, training=self.training)
 
 
@@ -124,14 +144,26 @@ class Pooler(nn.Module):
 class TransformerLanguageModel(nn.Module):
     """embedding -> encoder (transformer layers + final layernorm) [-> pooler].
 
-    Submodule names (`embedding`, `encoder`, `pooler`) are those of Megatron-LM's checkpoints.
+    Submodule names (`embedding`, `encoder`, `pooler`) are those of Megatron-LM's checkpoints. With
+    sequence parallelism the hidden states come out as this rank's s/p positions, unless
+    `gather_sequence_output`: then the sequence is all-gathered for consumers that are duplicated on every
+    TP rank (BERT's pooler and heads), whose gradient each rank keeps its own positions of.
     """
 
     def __init__(
-        self, config: TransformerConfig, parallel: ParallelState, causal: bool, add_pooler: bool
+        self,
+        config: TransformerConfig,
+        parallel: ParallelState,
+        causal: bool,
+        add_pooler: bool,
+        gather_sequence_output: bool = True,
     ) -> None:
         super().__init__()
         check_config(config, parallel)
+        self.gather_sequence_output = (
+            gather_sequence_output and config.sequence_parallel and parallel.tp_size > 1
+        )
+        self.tp_group = parallel.tp_group
         self.embedding = Embedding(config, parallel)
         self.rotary_pos_emb: Optional[RotaryEmbedding] = None
         if config.position_embedding_type == "rope":
@@ -179,5 +211,7 @@ class TransformerLanguageModel(nn.Module):
                 raise ValueError("position_ids are required with rotary position embeddings")
             rotary = self.rotary_pos_emb(position_ids)
         hidden = self.encoder(embeddings, allowed, inference_params, rotary)
+        if self.gather_sequence_output:
+            hidden = gather_from_sequence_parallel_region(hidden, self.tp_group, grad_is_partial=False)
         pooled = self.pooler(hidden) if self.pooler is not None else None
         return hidden, pooled

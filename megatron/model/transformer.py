@@ -19,10 +19,19 @@ whose shard on rank r is [gate_r; up_r]; grouped-query attention orders the QKV 
 the G groups (not the heads) are split over ranks; RoPE rotates each rank's queries and keys locally;
 RMSNorm replaces LayerNorm where --normalization RMSNorm.
 
-So a layer does exactly two all-reduces in forward and two in backward. Layernorm, hidden dropout and the
+So a layer does exactly two all-reduces in forward and two in backward (with sequence parallelism, two
+all-gathers and two reduce-scatters each way instead: see "Sequence parallelism" below). Layernorm, hidden dropout and the
 residual additions are duplicated on every TP rank (they see identical inputs and use the same RNG
 stream); attention dropout acts on this rank's heads only, so it draws from the TP-rank-specific stream of
 `get_rng_tracker().fork()`.
+
+Sequence parallelism (config.sequence_parallel, TP > 1; Korthikanti et al. 2022): between the TP regions
+each rank holds x[:, s/p positions] only, so layernorms, hidden dropout and residual additions work on
+s/p of the sequence; the column-parallel GEMMs all-gather the sequence and the row-parallel ones
+reduce-scatter it (megatron.parallel.layers). Hidden dropout then acts on positions that differ per rank,
+so it draws from the TP-rank-specific stream, like attention dropout. The parameters used on s/p of the
+sequence while duplicated over TP (layernorms, row-parallel biases) are marked `sequence_parallel`: each
+rank's gradient is a partial sum over its positions, completed by an all-reduce over TP.
 
 Attention masks are passed as `allowed`: None, or a boolean tensor broadcastable to [batch, heads, seq, seq]
 that is True where a query may attend to a key (torch's scaled_dot_product_attention convention). Causality
@@ -262,6 +271,7 @@ class ParallelAttention(nn.Module):
             gather_output=False,
             init_std=config.init_method_std,
             params_dtype=config.params_dtype,
+            sequence_parallel=config.sequence_parallel,
         )
         self.core_attention = CoreAttention(config, parallel, causal)
         self.dense = RowParallelLinear(
@@ -272,6 +282,7 @@ class ParallelAttention(nn.Module):
             input_is_parallel=True,
             init_std=config.output_layer_init_std,
             params_dtype=config.params_dtype,
+            sequence_parallel=config.sequence_parallel,
         )
 
     def forward(
@@ -285,9 +296,9 @@ class ParallelAttention(nn.Module):
 
         With `inference_params` the keys and values of x join the cache and the queries of x attend over
         every cached position. `rotary_pos_emb`: RoPE's (cos, sin) of x's positions (megatron.model.rotary)."""
-        batch, seq, _ = x.shape
         per_group = self.local_heads // self.local_groups
-        qkv, _ = self.query_key_value(x)  # [batch, seq, local_groups * (per_group + 2) * head_dim]
+        qkv, _ = self.query_key_value(x)  # [batch, seq, local_groups * (per_group + 2) * head_dim], whole seq
+        batch, seq, _ = qkv.shape
         qkv = qkv.view(batch, seq, self.local_groups, per_group + 2, self.head_dim)
         q = qkv[:, :, :, :per_group].reshape(batch, seq, self.local_heads, self.head_dim).transpose(1, 2)
         k, v = (qkv[:, :, :, per_group + i].transpose(1, 2) for i in (0, 1))  # [batch, local_groups, seq, d]
@@ -325,6 +336,7 @@ class ParallelMLP(nn.Module):
             gather_output=False,
             init_std=config.init_method_std,
             params_dtype=config.params_dtype,
+            sequence_parallel=config.sequence_parallel,
         )
         self.dense_4h_to_h = RowParallelLinear(
             config.ffn_hidden_size,
@@ -334,6 +346,7 @@ class ParallelMLP(nn.Module):
             input_is_parallel=True,
             init_std=config.output_layer_init_std,
             params_dtype=config.params_dtype,
+            sequence_parallel=config.sequence_parallel,
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -362,6 +375,7 @@ class ParallelTransformerLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.hidden_dropout = config.hidden_dropout
+        self.sequence_parallel = config.sequence_parallel and parallel.tp_size > 1
         self.residual_from_layernorm = config.apply_residual_connection_post_layernorm
         self.fp32_residual = config.fp32_residual_connection
         self.input_layernorm = build_norm(config)
@@ -370,9 +384,13 @@ class ParallelTransformerLayer(nn.Module):
         self.mlp = ParallelMLP(config, parallel)
 
     def _residual_add(self, residual: Tensor, branch: Tensor) -> Tensor:
-        """residual + dropout(branch); the dropout mask is the same on all TP ranks (default RNG stream)."""
+        """residual + dropout(branch); the dropout mask is the same on all TP ranks (default RNG stream),
+        or, with sequence parallelism, drawn per rank for its own positions (TP-rank stream)."""
         if self.fp32_residual:
             residual = residual.float()
+        if self.sequence_parallel and self.training and self.hidden_dropout > 0:
+            with get_rng_tracker().fork():
+                return residual + F.dropout(branch, p=self.hidden_dropout, training=True)
         return residual + F.dropout(branch, p=self.hidden_dropout, training=self.training)
 
     def forward(
@@ -409,6 +427,10 @@ class ParallelTransformer(nn.Module):
             for n in range(config.num_layers)
         )
         self.final_layernorm = build_norm(config)
+        if config.sequence_parallel and parallel.tp_size > 1:
+            for param in self.parameters():  # duplicated over TP, applied to s/p of the sequence
+                if not getattr(param, "tensor_model_parallel", False):
+                    param.sequence_parallel = True
 
     def forward(
         self,

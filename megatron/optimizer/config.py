@@ -35,11 +35,17 @@ class OptimizerConfig:
     min_loss_scale: float = 1.0
     loss_scale_window: int = 1000
     hysteresis: int = 2
+    use_distributed_optimizer: bool = False  # ZeRO-1: Adam state sharded over the DP group
     log_num_zeros_in_grad: bool = False  # count the zero gradient elements in step() (costs a pass)
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"--optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.use_distributed_optimizer and self.optimizer != "adam":
+            raise ValueError(
+                f"--use-distributed-optimizer shards Adam's state only; --optimizer {self.optimizer} cannot be "
+                "sharded: use --optimizer adam or drop --use-distributed-optimizer"
+            )
         if self.fp16 and self.bf16:
             raise ValueError("--fp16 and --bf16 are mutually exclusive")
         if self.clip_grad < 0:

@@ -93,6 +93,8 @@ def _build_grad_scaler(config: OptimizerConfig) -> Optional[GradScaler]:
 class MegatronOptimizer:
     """The optimizer step of one rank: see the module docstring for the sequence of operations."""
 
+    sharded_over_dp = False  # the distributed optimizer steps a DP shard of the gradient
+
     def __init__(
         self, model: DistributedDataParallel, config: OptimizerConfig, parallel: ParallelState
     ) -> None:
@@ -142,6 +144,11 @@ class MegatronOptimizer:
         ]
         self.optimizer = _torch_optimizer(torch_groups, config)
 
+    def main_params_by_name(self) -> list[tuple[str, Tensor]]:
+        """(model parameter name, the fp32 tensor the torch optimizer updates for it) in optimizer order."""
+        names = {param: name for name, param in self.model.module.named_parameters()}
+        return [(names[param], main) for param, main in zip(self._model_params, self._main_params)]
+
     @property
     def param_groups(self) -> list[dict[str, Any]]:
         """The torch optimizer's groups; the scheduler sets "lr" and "weight_decay" (= wd * "wd_mult")."""
@@ -165,10 +172,12 @@ class MegatronOptimizer:
         the clipped gradients over the model, see clip_grads.count_zeros) with config.log_num_zeros_in_grad,
         else 0 (not counted).
         """
-        grads = [param.main_grad for param in self._model_params]
+        grads = self._main_grads()
         if self.grad_scaler is not None:
             torch._foreach_mul_(grads, 1.0 / self.grad_scaler.scale)
-        grad_norm, found_inf = grad_norm_and_found_inf(grads, self._counted_in_norm, self.parallel)
+        grad_norm, found_inf = grad_norm_and_found_inf(
+            grads, self._counted_in_norm, self.parallel, self.sharded_over_dp
+        )
         if self.grad_scaler is not None:
             self.grad_scaler.update(found_inf)
         if found_inf:
@@ -176,7 +185,7 @@ class MegatronOptimizer:
         if self.config.clip_grad > 0:
             clip_grads_(grads, self.config.clip_grad, grad_norm)
         num_zeros = (
-            count_zeros(grads, self._counted_in_norm, self.parallel)
+            count_zeros(grads, self._counted_in_norm, self.parallel, self.sharded_over_dp)
             if self.config.log_num_zeros_in_grad
             else 0
         )
@@ -187,14 +196,22 @@ class MegatronOptimizer:
         # Drop the aliases of the gradient buffer: a .grad left on a model param would be accumulated into.
         for main in self._main_params:
             main.grad = None
+        self._update_model_params()
+        return True, grad_norm, num_zeros
+
+    def _main_grads(self) -> list[Tensor]:
+        """The fp32 gradient of each main param, in the order of self._main_params."""
+        return [param.main_grad for param in self._model_params]
+
+    def _update_model_params(self) -> None:
+        """Copy the updated fp32 main params into the half-precision model params (rounding)."""
         if self._half_params:
             torch._foreach_copy_(self._half_params, self._half_mains)
-        return True, grad_norm, num_zeros
 
     @torch.no_grad()
     def params_norm(self) -> float:
         """L2 norm of the whole model's fp32 main parameters (TP duplicates counted once), for --log-params-norm."""
-        return l2_norm(self._main_params, self._counted_in_norm, self.parallel)
+        return l2_norm(self._main_params, self._counted_in_norm, self.parallel, self.sharded_over_dp)
 
     def zero_grad(self) -> None:
         """Zero the gradient buffer (every main_grad) and drop any .grad; call before each iteration."""
@@ -246,5 +263,10 @@ class MegatronOptimizer:
 def build_optimizer(
     model: DistributedDataParallel, config: OptimizerConfig, parallel: ParallelState
 ) -> MegatronOptimizer:
-    """The optimizer for `model` (already wrapped in DistributedDataParallel) under `config`."""
+    """The optimizer for `model` (already wrapped in DistributedDataParallel) under `config`: the
+    distributed optimizer (megatron/optimizer/distrib_optim.py) with config.use_distributed_optimizer."""
+    if config.use_distributed_optimizer:
+        from megatron.optimizer.distrib_optim import DistributedOptimizer  # it builds on this module
+
+        return DistributedOptimizer(model, config, parallel)
     return MegatronOptimizer(model, config, parallel)

@@ -3,6 +3,11 @@
 `all_reduce(x, group, op)`: x <- op_r x_r over the ranks r of `group`, in place (x is returned). A group
 of None (this rank alone; see ParallelState) or of size 1 leaves x unchanged and communicates nothing.
 
+`all_gather_into(output, shard, group)`: output = concat over the ranks r of their `shard` (flat, in rank
+order; output has group-size times shard's elements). `reduce_scatter_into(shard, input, group)`: shard =
+(sum over ranks of input)[r-th of group-size equal flat chunks]. Both may alias (shard a slice of output /
+input, as the distributed optimizer's buffers do) and return the async work handle with async_op.
+
 `reduce_scalars(values, group, op)`: the same for a few Python numbers (flags, counters, norms): they are
 packed into one float64 tensor on the device the group's backend communicates on (the current CUDA
 device under NCCL, which cannot reduce CPU tensors; the CPU under gloo), reduced, and read back.
@@ -44,6 +49,28 @@ def all_reduce(
     if group_size(group) > 1:
         dist.all_reduce(x, op=op, group=group)
     return x
+
+
+def all_gather_into(
+    output: Tensor, shard: Tensor, group: Optional[dist.ProcessGroup], async_op: bool = False
+) -> Optional[dist.Work]:
+    """output <- concat_r shard_r (flat, rank order) over `group`; a group of one copies shard."""
+    if group_size(group) == 1:
+        if output.data_ptr() != shard.data_ptr():
+            output.copy_(shard.view_as(output))
+        return None
+    return dist.all_gather_single(output, shard, group=group, async_op=async_op)
+
+
+def reduce_scatter_into(
+    shard: Tensor, input: Tensor, group: Optional[dist.ProcessGroup], async_op: bool = False
+) -> Optional[dist.Work]:
+    """shard <- (sum_r input_r)[this rank's flat chunk] over `group`; a group of one copies input."""
+    if group_size(group) == 1:
+        if shard.data_ptr() != input.data_ptr():
+            shard.copy_(input.view_as(shard))
+        return None
+    return dist.reduce_scatter_single(shard, input, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
 
 
 def reduce_scalars(

@@ -13,6 +13,13 @@ weight is stored transposed, W = A^T with shape [out, in]. Over a TP group of p 
 * VocabParallelEmbedding splits the table E [vocab, h] by rows: rank r holds E[start_r:end_r]; each rank
   looks up the ids in its range (zeros for the others) and g sums the partial results.
 
+With sequence_parallel (Megatron's --sequence-parallel; input and output [batch, seq, ...] split over
+the sequence outside the TP regions), ColumnParallelLinear takes this rank's s/p positions and all-gathers
+the sequence instead of f (backward: reduce-scatter of dX), and RowParallelLinear reduce-scatters its
+output over the sequence instead of g (backward: all-gather), adding its duplicated bias to the s/p
+positions it keeps; the bias gradient is then a partial sum over positions, which the caller all-reduces
+over the TP group (megatron.distributed, parameters marked `sequence_parallel`).
+
 Initialisation does not depend on p (Megatron's --use-cpu-initialization): each layer draws the FULL
 master weight with torch.nn.init.normal_(master, 0, init_std) from the default torch generator and keeps
 its contiguous slice; biases start at zero. Layers built in the same order after the same
@@ -34,8 +41,10 @@ from torch import Tensor, nn
 from megatron.parallel.cross_entropy import vocab_range_from_global_vocab_size
 from megatron.parallel.mappings import (
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
 from megatron.parallel.state import ParallelState
@@ -106,6 +115,7 @@ class ColumnParallelLinear(nn.Module):
         skip_bias_add: bool = False,
         params_dtype: torch.dtype = torch.float32,
         stride: int = 1,
+        sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
         if gather_output and skip_bias_add:
@@ -118,6 +128,7 @@ class ColumnParallelLinear(nn.Module):
             output_size, parallel.tp_size, "ColumnParallelLinear output_size"
         )
         self.gather_output, self.skip_bias_add = gather_output, skip_bias_add
+        self.sequence_parallel = sequence_parallel and parallel.tp_size > 1
         self.weight = _sharded_normal((output_size, input_size), 0, parallel, init_std, params_dtype, stride)
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.output_size_per_partition, dtype=params_dtype))
@@ -126,8 +137,12 @@ class ColumnParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        """x [..., input_size] (same on all TP ranks) -> (Y_r [..., out/p] or Y [..., out], bias or None)."""
-        x = copy_to_tensor_model_parallel_region(x, self.parallel.tp_group)
+        """x [..., input_size] (same on all TP ranks; with sequence_parallel [batch, s/p, input_size], this
+        rank's positions) -> (Y_r [..., out/p] or Y [..., out], bias or None), over the whole sequence."""
+        if self.sequence_parallel:
+            x = gather_from_sequence_parallel_region(x, self.parallel.tp_group)
+        else:
+            x = copy_to_tensor_model_parallel_region(x, self.parallel.tp_group)
         add_bias = self.bias if not self.skip_bias_add else None
         y = F.linear(x, self.weight, add_bias)
         if self.gather_output:
@@ -161,9 +176,13 @@ class RowParallelLinear(nn.Module):
         init_std: float = 0.02,
         skip_bias_add: bool = False,
         params_dtype: torch.dtype = torch.float32,
+        sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError("RowParallelLinear: sequence_parallel needs input_is_parallel")
         self.parallel = parallel
+        self.sequence_parallel = sequence_parallel and parallel.tp_size > 1
         self.input_size, self.output_size = input_size, output_size
         self.input_size_per_partition = _divide(input_size, parallel.tp_size, "RowParallelLinear input_size")
         self.input_is_parallel, self.skip_bias_add = input_is_parallel, skip_bias_add
@@ -175,10 +194,14 @@ class RowParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        """x [..., in/p] (or [..., in] without input_is_parallel) -> (Y [..., out], bias or None)."""
+        """x [..., in/p] (or [..., in] without input_is_parallel) -> (Y [..., out], bias or None); with
+        sequence_parallel Y is [batch, s/p, out], this rank's positions."""
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x, self.parallel.tp_group)
-        y = reduce_from_tensor_model_parallel_region(F.linear(x, self.weight), self.parallel.tp_group)
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence_parallel_region(F.linear(x, self.weight), self.parallel.tp_group)
+        else:
+            y = reduce_from_tensor_model_parallel_region(F.linear(x, self.weight), self.parallel.tp_group)
         if self.bias is None or self.skip_bias_add:
             return y, self.bias
         return y + self.bias, None

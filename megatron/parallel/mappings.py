@@ -13,6 +13,24 @@ slices of the last dimension.) f enters a TP region (before a column-parallel GE
 a row-parallel GEMM), so a transformer layer does one g per sub-block in forward and one f per sub-block
 in backward: 2 + 2 all-reduces.
 
+Sequence parallelism (Korthikanti et al. 2022) splits the sequence dimension (dim 1 of our [batch, seq,
+hidden] activations) over the same group, outside the TP regions: rank r holds X_r = X[:, chunk r] (s/p
+positions). With "concat_s" an all-gather and "scatter_s" a reduce-scatter along the sequence:
+
+    scatter_to_sequence_parallel_region:     forward Y_r = X[:, chunk r]          backward dL/dX = concat_s dL/dY_r
+    gather_from_sequence_parallel_region:    forward Y = concat_s X_r
+        grad_is_partial=True  (consumer is TP-split, e.g. a column-parallel GEMM):
+                                             backward dL/dX_r = (sum_r' dL/dY_r')[:, chunk r]   (reduce-scatter)
+        grad_is_partial=False (consumer is duplicated on every rank):
+                                             backward dL/dX_r = (dL/dY)[:, chunk r]
+    reduce_scatter_to_sequence_parallel_region:
+                                             forward Y_r = (sum_r' X_r')[:, chunk r]  backward dL/dX_r = concat_s dL/dY
+
+The all-gather replaces f before a column-parallel GEMM and the reduce-scatter replaces g after a
+row-parallel GEMM: a layer makes 2 all-gathers + 2 reduce-scatters in forward and, as their adjoints,
+2 reduce-scatters + 2 all-gathers in backward, and no all-reduce (an all-reduce is a reduce-scatter
+followed by an all-gather, so the traffic is the same).
+
 `group` None, or a group of size 1, makes every function the identity.
 
 As in Megatron-LM, the all-reduces work in place, without a copy of the activation: g sums its input
@@ -29,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron.parallel.collectives import all_reduce, group_size
+from megatron.parallel.collectives import all_gather_into, all_reduce, group_size, reduce_scatter_into
 
 
 def _split_last_dim(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
@@ -53,6 +71,42 @@ def _gather_last_dim(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
     parts = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(parts, x, group=group)
     return torch.cat(parts, dim=-1)
+
+
+SEQUENCE_DIM = 1  # activations are [batch, seq, hidden]
+
+
+def _split_sequence(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+    """This rank's chunk r of p equal slices of the sequence dimension (contiguous)."""
+    size = group_size(group)
+    if x.size(SEQUENCE_DIM) % size != 0:
+        raise ValueError(
+            f"sequence length {x.size(SEQUENCE_DIM)} is not divisible by the tensor-parallel size {size} "
+            "(--sequence-parallel splits the sequence over the tensor-parallel ranks)"
+        )
+    return x.chunk(size, dim=SEQUENCE_DIM)[dist.get_rank(group)].contiguous()
+
+
+def _all_gather_sequence(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+    """concat over the group's ranks, in rank order, along the sequence dimension (one all-gather)."""
+    size = group_size(group)
+    local = x.transpose(0, SEQUENCE_DIM).contiguous()  # the sequence first: ranks' parts are contiguous
+    whole = torch.empty((size * local.size(0), *local.shape[1:]), dtype=x.dtype, device=x.device)
+    all_gather_into(whole, local, group)
+    return whole.transpose(0, SEQUENCE_DIM)
+
+
+def _reduce_scatter_sequence(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+    """(sum over the group of x)[:, chunk r]: one reduce-scatter along the sequence dimension."""
+    size = group_size(group)
+    if x.size(SEQUENCE_DIM) % size != 0:
+        raise ValueError(
+            f"sequence length {x.size(SEQUENCE_DIM)} is not divisible by the tensor-parallel size {size}"
+        )
+    whole = x.transpose(0, SEQUENCE_DIM).contiguous()
+    local = torch.empty((whole.size(0) // size, *whole.shape[1:]), dtype=x.dtype, device=x.device)
+    reduce_scatter_into(local, whole, group)
+    return local.transpose(0, SEQUENCE_DIM)
 
 
 class _CopyToRegion(torch.autograd.Function):
@@ -135,3 +189,68 @@ def gather_from_tensor_model_parallel_region(x: Tensor, group: Optional[dist.Pro
     if group_size(group) == 1:
         return x
     return _GatherFromRegion.apply(x, group)
+
+
+class _ScatterToSequence(torch.autograd.Function):
+    """Forward: keep this rank's chunk of the sequence; backward: all-gather the sequence."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+        ctx.group = group
+        return _split_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return _all_gather_sequence(grad, ctx.group), None
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    """Forward: all-gather the sequence; backward: reduce-scatter (partial grads) or keep this rank's chunk."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Optional[dist.ProcessGroup], grad_is_partial: bool) -> Tensor:
+        ctx.group, ctx.grad_is_partial = group, grad_is_partial
+        return _all_gather_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        if ctx.grad_is_partial:
+            return _reduce_scatter_sequence(grad, ctx.group), None, None
+        return _split_sequence(grad, ctx.group), None, None
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    """Forward: reduce-scatter along the sequence; backward: all-gather the sequence."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+        ctx.group = group
+        return _reduce_scatter_sequence(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return _all_gather_sequence(grad, ctx.group), None
+
+
+def scatter_to_sequence_parallel_region(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+    """Y_r = X[:, chunk r] in forward; dL/dX = all-gather over the sequence of dL/dY_r in backward."""
+    if group_size(group) == 1:
+        return x
+    return _ScatterToSequence.apply(x, group)
+
+
+def gather_from_sequence_parallel_region(
+    x: Tensor, group: Optional[dist.ProcessGroup], grad_is_partial: bool = True
+) -> Tensor:
+    """Y = all-gather over the sequence of X_r in forward; in backward the reduce-scatter of dL/dY when
+    each rank's dL/dY is a partial sum (grad_is_partial: the consumer is TP-split), else its chunk r."""
+    if group_size(group) == 1:
+        return x
+    return _GatherFromSequence.apply(x, group, grad_is_partial)
+
+
+def reduce_scatter_to_sequence_parallel_region(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+    """Y_r = (sum over ranks of X)[:, chunk r] in forward; dL/dX = all-gather of dL/dY_r in backward."""
+    if group_size(group) == 1:
+        return x
+    return _ReduceScatterToSequence.apply(x, group)

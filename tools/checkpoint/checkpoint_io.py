@@ -180,13 +180,22 @@ def shard_file_state(
     }
 
 
-def write_checkpoint(save_dir: str, iteration: int, release: bool, shards: list[dict[str, Any]]) -> None:
-    """Write `shards[r]` to `<save_dir>/{iter_XXXXXXX|release}/mp_rank_{r:02d}/model_optim_rng.pt` and the
-    tracker file. `save_dir` is meant to be the temporary folder of `atomic_output_dir`."""
+def write_checkpoint(
+    save_dir: str,
+    iteration: int,
+    release: bool,
+    shards: list[dict[str, Any]],
+    extra_files: Optional[list[dict[str, Any]]] = None,
+) -> None:
+    """Write `shards[r]` to `<save_dir>/{iter_XXXXXXX|release}/mp_rank_{r:02d}/model_optim_rng.pt` (and each
+    `extra_files[r][filename]` beside it, e.g. distrib_optim.pt) and the tracker file. `save_dir` is meant
+    to be the temporary folder of `atomic_output_dir`."""
     for tp_rank, state in enumerate(shards):
         path = get_checkpoint_name(save_dir, iteration, tp_rank, release=release)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save(state, path)
+        for filename, content in (extra_files[tp_rank] if extra_files else {}).items():
+            torch.save(content, os.path.join(os.path.dirname(path), filename))
     with open(get_checkpoint_tracker_filename(save_dir), "w", encoding="utf-8") as f:
         f.write(tracker_text(iteration, release))
 

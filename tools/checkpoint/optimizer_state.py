@@ -13,6 +13,11 @@ then biases and 1-D parameters, each in `named_parameters()` order); that order 
 names of the model state dict, so each T_i gets the name of its parameter. A T_i shaped like its parameter's
 shard is then merged, re-padded and split exactly as the parameter itself (tools/checkpoint/tp_layout.py);
 scalars such as Adam's step count are the same on every TP rank and are copied.
+
+A checkpoint of the distributed optimizer (megatron/optimizer/distrib_optim.py) keeps in
+model_optim_rng.pt only what all ranks share (param-group hyperparameters, loss scaler; copied) and, in
+`mp_rank_XX/distrib_optim.pt`, every parameter's fp32 master weight and Adam moments keyed by the
+parameter's name and shaped like its shard: `reshard_distrib_optim` reshards those like the parameters.
 """
 
 from __future__ import annotations
@@ -213,3 +218,45 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def is_distributed_optimizer_state(optimizer_state: dict[str, Any]) -> bool:
+    """True for the shared part of a distributed-optimizer state (its tensors are in distrib_optim.pt)."""
+    return "sharded_state" in optimizer_state
+
+
+def reshard_shared_state(optimizer_shards: list[dict[str, Any]], target_tp: int) -> list[dict[str, Any]]:
+    """The shared distributed-optimizer state, equal on all TP ranks, copied to each target rank."""
+    _check_same_across_ranks(optimizer_shards, "the distributed optimizer's shared state")
+    return [copy.deepcopy(optimizer_shards[0]) for _ in range(target_tp)]
+
+
+def reshard_distrib_optim(
+    distrib_shards: list[dict[str, Any]],
+    model_shards: list[dict[str, Tensor]],
+    target_tp: int,
+    padded_vocab_size: int,
+) -> list[dict[str, Any]]:
+    """The distrib_optim.pt content of each target TP rank: every per-parameter tensor ("param",
+    "exp_avg", "exp_avg_sq") merged, re-padded and split like its parameter; "step" and "optimizer" copied."""
+    _check_same_across_ranks([{k: v for k, v in d.items() if k != "param_state"} for d in distrib_shards],
+                             "distrib_optim.pt step / optimizer")  # fmt: skip
+    for tp_rank, (distrib, model) in enumerate(zip(distrib_shards, model_shards)):
+        for name, entry in distrib["param_state"].items():
+            if name not in model or any(not _is_param_shaped(t, model[name]) for t in entry.values()):
+                raise ToolError(
+                    f"distrib_optim.pt of TP rank {tp_rank}: the state of {name} does not fit the model"
+                )
+    keys = list(next(iter(distrib_shards[0]["param_state"].values())))
+    split = {}
+    for key in keys:
+        per_rank = [{name: e[key] for name, e in d["param_state"].items()} for d in distrib_shards]
+        whole = repad_vocab(merge_shards(per_rank, f"distrib_optim {key}"), padded_vocab_size)
+        split[key] = split_whole(whole, target_tp)
+    new = []
+    for tp_rank in range(target_tp):
+        names = split[keys[0]][tp_rank]
+        state = {name: {key: split[key][tp_rank][name] for key in keys} for name in names}
+        new.append({**{k: copy.deepcopy(v) for k, v in distrib_shards[0].items() if k != "param_state"},
+                    "param_state": state})  # fmt: skip
+    return new

@@ -10,7 +10,8 @@ the same iteration (or release) dir, and one `mp_rank_XX/model_optim_rng.pt` per
   computes from the tokenizer (zero rows appended, or padding rows dropped);
 * `args`: the saved args with tensor_model_parallel_size = N and the new padded_vocab_size;
 * `optimizer`: None by default (continue training with --no-load-optim); with --keep-optimizer the fp32
-  main params and the optimizer's moments resharded like the parameters (optimizer_state.py);
+  main params and the optimizer's moments resharded like the parameters (optimizer_state.py), for the
+  distributed optimizer in `mp_rank_XX/distrib_optim.pt` (written beside each shard);
 * `opt_param_scheduler`, `iteration`, `checkpoint_version`: copied;
 * `rng_state`: target rank r < source size keeps source rank r's states; a new rank r gets rank 0's
   python/numpy/torch states (identical on all TP ranks) and a fresh 'model-parallel-rng' stream seeded
@@ -26,9 +27,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 from typing import Any, Optional
 
+import torch
+
+from megatron.optimizer.distrib_optim import DISTRIB_OPTIM_FILENAME
 from megatron.parallel.random import MODEL_PARALLEL_RNG, TP_SEED_OFFSET, RNGStatesTracker
 from megatron.tokenizer import build_tokenizer
 from tools.checkpoint.checkpoint_io import (
@@ -40,7 +45,12 @@ from tools.checkpoint.checkpoint_io import (
     shard_file_state,
     write_checkpoint,
 )
-from tools.checkpoint.optimizer_state import reshard_optimizer
+from tools.checkpoint.optimizer_state import (
+    is_distributed_optimizer_state,
+    reshard_distrib_optim,
+    reshard_optimizer,
+    reshard_shared_state,
+)
 from tools.checkpoint.tp_layout import merge_shards, repad_vocab, split_whole, target_padded_vocab_size
 
 
@@ -140,7 +150,12 @@ def reshard_checkpoint(
             raise ToolError(
                 f"--keep-optimizer: {checkpoint.checkpoint_dir} holds no optimizer state; run without it"
             )
-        optimizers = reshard_optimizer(optimizer_shards, model_shards, target_tp, padded_vocab_size, swiglu)
+        if is_distributed_optimizer_state(optimizer_shards[0]):
+            optimizers = reshard_shared_state(optimizer_shards, target_tp)
+        else:
+            optimizers = reshard_optimizer(
+                optimizer_shards, model_shards, target_tp, padded_vocab_size, swiglu
+            )
 
     new_args = copy.copy(saved_args)
     new_args.tensor_model_parallel_size = target_tp
@@ -160,6 +175,22 @@ def reshard_checkpoint(
         )
         for r in range(target_tp)
     ]
+
+
+def reshard_distrib_optim_files(
+    checkpoint: LoadedCheckpoint, target_tp: int, padded_vocab_size: int
+) -> Optional[list[dict[str, Any]]]:
+    """{"distrib_optim.pt": content} per target TP rank when the checkpoint is the distributed optimizer's."""
+    if not is_distributed_optimizer_state(checkpoint.shards[0].get("optimizer") or {}):
+        return None
+    distrib = []
+    for tp_rank in range(checkpoint.tp_size):
+        path = os.path.join(os.path.dirname(checkpoint.shard_path(tp_rank)), DISTRIB_OPTIM_FILENAME)
+        if not os.path.isfile(path):
+            raise ToolError(f"--keep-optimizer: {path} not found (the distributed optimizer's state)")
+        distrib.append(torch.load(path, map_location="cpu", weights_only=True))
+    new = reshard_distrib_optim(distrib, checkpoint.model_shards(), target_tp, padded_vocab_size)
+    return [{DISTRIB_OPTIM_FILENAME: content} for content in new]
 
 
 def reshard_rng_states(
@@ -203,8 +234,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         checkpoint = load_checkpoint_shards(args.load)
         target_tp = args.target_tensor_model_parallel_size
         shards = reshard_checkpoint(checkpoint, target_tp, args.keep_optimizer, args.true_vocab_size)
+        padded = shards[0]["args"].padded_vocab_size
+        extra = reshard_distrib_optim_files(checkpoint, target_tp, padded) if args.keep_optimizer else None
         with atomic_output_dir(args.save, args.force, "--save") as temp_dir:
-            write_checkpoint(temp_dir, checkpoint.iteration, checkpoint.release, shards)
+            write_checkpoint(temp_dir, checkpoint.iteration, checkpoint.release, shards, extra)
     except (ToolError, OSError) as e:  # OSError: unreadable input, full disk, no permission
         raise SystemExit(f"error: {e}") from None
     what = "release" if checkpoint.release else f"iteration {checkpoint.iteration}"

@@ -1,0 +1,222 @@
+"""Sequence parallelism: the same training as plain tensor parallelism, its collectives per layer, its
+dropout streams under recompute and resume, and its argument checks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import pretrain_bert
+from megatron.arguments import parse_args
+from megatron.model.config import TransformerConfig
+from megatron.model.transformer import ParallelTransformerLayer
+from megatron.parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from megatron.parallel.random import model_parallel_seed
+from megatron.parallel.state import initialize_model_parallel
+from tests.collective_counter import count_collectives
+from tests.distributed_utils import run_distributed
+from tests.training_compare import (
+    ADAM_EPS,
+    NO_DROPOUT,
+    TINY,
+    assert_curves_close,
+    assert_params_close,
+    randomise_,
+    saved_params,
+    train,
+)
+
+SP = ["--sequence-parallel"]
+TP2 = ["--tensor-model-parallel-size", 2]
+
+
+def _variants(rank: int, world_size: int, root: str, base: list, variants: dict[str, list]) -> dict:
+    return {name: train([*base, *extra], save=os.path.join(root, name)) for name, extra in variants.items()}
+
+
+def _compare(
+    root: str,
+    results: list[dict],
+    pairs: dict[str, str],
+    tp: int,
+    rtol: float,
+    param_rtol: float,
+    atol: float = 1e-7,
+) -> None:
+    for name, reference in pairs.items():
+        for rank_result in results:
+            assert_curves_close(rank_result[name], rank_result[reference], rtol=rtol)
+        for tp_rank in range(tp):
+            assert_params_close(
+                saved_params(os.path.join(root, name), tp_rank),
+                saved_params(os.path.join(root, reference), tp_rank),
+                rtol=param_rtol,
+                atol=atol,
+            )
+
+
+def test_tp2_sequence_parallel_matches_tensor_parallel(tmp_path):
+    """TP 2, dropout off: with sequence parallelism (plain, full and selective recompute) the loss curve and
+    every final parameter equal plain TP's."""
+    base = [*TINY, *NO_DROPOUT, *ADAM_EPS, *TP2, "--train-iters", 4, "--global-batch-size", 4]
+    variants = {
+        "tp": [],
+        "sp": SP,
+        "sp_full": [*SP, "--recompute-granularity", "full"],
+        "sp_selective": [*SP, "--recompute-granularity", "selective"],
+    }
+    results = run_distributed(_variants, 2, args=(str(tmp_path), base, variants))
+    pairs = {"sp": "tp", "sp_full": "tp", "sp_selective": "tp"}
+    _compare(str(tmp_path), results, pairs, tp=2, rtol=1e-5, param_rtol=1e-5)
+
+
+def _dropout_runs(rank: int, world_size: int, root: str) -> dict[str, list[float]]:
+    base = [*TINY, *TP2, *SP, "--train-iters", 4, "--global-batch-size", 4]
+    straight = train(base, save=os.path.join(root, "straight"))
+    ckpt = os.path.join(root, "ckpt")
+    first = train([*base, "--exit-interval", 2], save=ckpt)
+    second = train(base, save=ckpt, load=ckpt)
+    full = train([*base, "--recompute-granularity", "full"])
+    return {"straight": straight, "resumed": first + second, "full": full}
+
+
+def test_dropout_with_sequence_parallelism_resumes_bitwise_and_recompute_replays_it(tmp_path):
+    """Dropout on: per-rank streams in the sequence-parallel regions are saved and restored exactly, and
+    full recompute replays them (the same losses, bitwise)."""
+    for result in run_distributed(_dropout_runs, 2, args=(str(tmp_path),)):
+        assert result["resumed"] == result["straight"]
+        assert result["full"] == result["straight"]
+
+
+@pytest.mark.slow
+def test_bert_sequence_parallel_matches_tensor_parallel(tmp_path):
+    def curve(extra):
+        return run_distributed(_bert_curve, 2, args=(extra,))[0]
+
+    assert_curves_close(curve(SP), curve([]), rtol=1e-5)
+
+
+def _bert_curve(rank: int, world_size: int, extra: list) -> list[float]:
+    argv = [*TINY, *NO_DROPOUT, *TP2, *extra, "--train-iters", 4, "--global-batch-size", 4]
+    summary = pretrain_bert.main([str(a) for a in argv])
+    return [step[name] for step in summary["losses"] for name in ("lm loss", "sop loss")]
+
+
+@pytest.mark.slow
+def test_tp2_dp2_with_both_features_matches_plain(tmp_path):
+    """TP 2 x DP 2: sequence parallelism + distributed optimizer vs neither, fp32 (1e-5) and bf16 (bf16
+    tolerance: the reductions round differently in bf16, so gradients differ by ~1e-2 relative and a
+    weight by up to about one Adam step, lr = 1e-3, after 4 steps)."""
+    base = [*TINY, *NO_DROPOUT, *TP2, "--train-iters", 4, "--global-batch-size", 8, *ADAM_EPS]
+    both = [*SP, "--use-distributed-optimizer"]
+    variants = {"plain": [], "both": both, "plain_bf16": ["--bf16"], "both_bf16": [*both, "--bf16"]}
+    results = run_distributed(_variants, 4, args=(str(tmp_path), base, variants))
+    _compare(str(tmp_path), results, {"both": "plain"}, tp=2, rtol=1e-5, param_rtol=1e-5)
+    _compare(str(tmp_path), results, {"both_bf16": "plain_bf16"}, tp=2, rtol=2e-2, param_rtol=2e-2, atol=1e-3)
+
+
+# --- collectives per layer -----------------------------------------------------------------------------
+
+
+def _layer_collectives_and_mappings(rank: int, world_size: int) -> dict[bool, tuple[dict, dict]]:
+    parallel = initialize_model_parallel(2)
+    _check_mappings(rank, world_size, parallel.tp_group)
+    return {sp: _count_layer_collectives(parallel, sp) for sp in (False, True)}
+
+
+def _count_layer_collectives(parallel, sequence_parallel: bool) -> tuple[dict, dict]:
+    model_parallel_seed(3, parallel)
+    config = TransformerConfig(
+        num_layers=1, hidden_size=16, num_attention_heads=4, padded_vocab_size=64, max_position_embeddings=8,
+        hidden_dropout=0.1, attention_dropout=0.1, sequence_parallel=sequence_parallel,
+    )  # fmt: skip
+    layer = ParallelTransformerLayer(config, parallel, causal=True)
+    randomise_(layer, parallel)
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(0))
+    if sequence_parallel:
+        x = x.chunk(2, dim=1)[parallel.tp_rank].contiguous()
+    x.requires_grad_(True)
+    with count_collectives() as forward:
+        y = layer(x, None)
+    with count_collectives() as backward:
+        y.square().sum().backward()
+    return dict(forward), dict(backward)
+
+
+def test_collectives_per_layer_and_the_mappings_maths():
+    """Every torch.distributed call counted: plain TP 2 all-reduces each way; sequence parallelism 2
+    all-gathers + 2 reduce-scatters each way and no all-reduce. (The same processes check the sequence
+    mappings against independent computations: _check_mappings.)"""
+    for counts in run_distributed(_layer_collectives_and_mappings, 2):
+        assert counts[False] == ({"all_reduce": 2}, {"all_reduce": 2})
+        sequence_parallel = {"all_gather_single": 2, "reduce_scatter_single": 2}
+        assert counts[True] == (sequence_parallel, sequence_parallel)
+
+
+# --- the mappings against an independent computation ------------------------------------------------
+
+
+def _check_mappings(rank: int, world_size: int, group) -> None:
+    whole = torch.randn(3, 8, 5, generator=torch.Generator().manual_seed(11))  # the same on every rank
+    mine = whole.chunk(world_size, dim=1)[rank]
+    upstream = torch.randn(3, 8, 5, generator=torch.Generator().manual_seed(20 + rank))  # differs per rank
+
+    x = whole.clone().requires_grad_(True)
+    y = scatter_to_sequence_parallel_region(x, group)
+    assert torch.equal(y, mine)
+    y.backward(upstream.chunk(world_size, dim=1)[rank])
+    expected = torch.cat([torch.randn(3, 8, 5, generator=torch.Generator().manual_seed(20 + r)).chunk(world_size, dim=1)[r] for r in range(world_size)], dim=1)  # fmt: skip
+    assert torch.equal(x.grad, expected)
+
+    total = sum(
+        torch.randn(3, 8, 5, generator=torch.Generator().manual_seed(20 + r)) for r in range(world_size)
+    )
+    for grad_is_partial, want in ((True, total.chunk(world_size, dim=1)[rank]), (False, upstream.chunk(world_size, dim=1)[rank])):  # fmt: skip
+        x = mine.clone().requires_grad_(True)
+        y = gather_from_sequence_parallel_region(x, group, grad_is_partial=grad_is_partial)
+        assert torch.equal(y, whole)
+        y.backward(upstream)
+        torch.testing.assert_close(x.grad, want, rtol=1e-6, atol=1e-6)
+
+    x = upstream.clone().requires_grad_(True)
+    y = reduce_scatter_to_sequence_parallel_region(x, group)
+    torch.testing.assert_close(y, total.chunk(world_size, dim=1)[rank], rtol=1e-6, atol=1e-6)
+    y.backward(whole.chunk(world_size, dim=1)[rank])
+    assert torch.equal(x.grad, whole)
+
+
+# --- arguments -----------------------------------------------------------------------------------------
+
+
+def test_sequence_length_not_divisible_by_tp_is_refused(capsys):
+    argv = [*TINY, *TP2, *SP, "--train-iters", "4", "--seq-length", "31"]
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args([str(a) for a in argv], world_size=2)
+    assert exit_info.value.code != 0
+    assert "--seq-length 31 is not divisible by --tensor-model-parallel-size 2" in capsys.readouterr().err
+
+
+def test_sequence_parallel_with_tp1_is_ignored_with_a_note(capsys):
+    args = parse_args([*TINY, *SP, "--train-iters", "4"], world_size=1)
+    assert args.sequence_parallel is False
+    assert "--sequence-parallel ignored" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_llama_tp2_dp2_with_both_features_matches_plain(tmp_path):
+    """The Llama family (RMSNorm, SwiGLU, RoPE, grouped-query attention, untied output layer, no biases)
+    with sequence parallelism + the distributed optimizer at TP 2 x DP 2 equals neither, fp32."""
+    llama = (
+        "--position-embedding-type rope --normalization RMSNorm --norm-epsilon 1e-6 --swiglu --ffn-hidden-size 64 "
+        "--group-query-attention --num-query-groups 2 --untie-embeddings-and-output-weights --disable-bias-linear"
+    ).split()
+    base = [*TINY, *NO_DROPOUT, *ADAM_EPS, *TP2, *llama, "--train-iters", 4, "--global-batch-size", 8]
+    variants = {"plain": [], "both": [*SP, "--use-distributed-optimizer"]}
+    results = run_distributed(_variants, 4, args=(str(tmp_path), base, variants))
+    _compare(str(tmp_path), results, {"both": "plain"}, tp=2, rtol=1e-5, param_rtol=1e-5)
