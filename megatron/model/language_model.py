@@ -16,13 +16,17 @@ from torch import Tensor, nn
 
 from megatron.model.config import TransformerConfig
 from megatron.model.transformer import InferenceParams, LayerNorm, ParallelTransformer, check_config
-from megatron.model.utils import init_normal_
+from megatron.model.utils import draw_init_seed, init_normal_, init_rng
 from megatron.parallel.layers import VocabParallelEmbedding
 from megatron.parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_tensor_model_parallel_region,
 )
+from megatron.parallel.pipeline_layout import StageLayout
 from megatron.parallel.state import ParallelState
+
+# init_rng units: the embedding is 0, layer n is 1 + n, the pooler num_layers + 1, BERT's heads num_layers + 2.
+EMBEDDING_UNIT = 0
 
 
 def normal_linear(in_features: int, out_features: int, config: TransformerConfig) -> nn.Linear:
@@ -117,19 +121,44 @@ class Pooler(nn.Module):
 
 
 class TransformerLanguageModel(nn.Module):
-    """embedding -> encoder (transformer layers + final layernorm) [-> pooler].
+    """embedding -> encoder (transformer layers + final layernorm) [-> pooler], or one pipeline stage of it.
 
-    Submodule names (`embedding`, `encoder`, `pooler`) are those of Megatron-LM's checkpoints.
+    Submodule names (`embedding`, `encoder`, `pooler`) are those of Megatron-LM's checkpoints. `stage`
+    (default: the whole model) says which layers to build and whether this stage holds the embedding
+    (pre_process) and the final layernorm and pooler (post_process). A stage without the embedding takes
+    its input from `set_input_tensor` (the previous stage's output, given by the pipeline schedule).
+    Initialisation draws one base seed from the default generator and builds each unit under its own seed
+    (megatron.model.utils.init_rng), so the weights do not depend on the pipeline layout.
     """
 
     def __init__(
-        self, config: TransformerConfig, parallel: ParallelState, causal: bool, add_pooler: bool
+        self,
+        config: TransformerConfig,
+        parallel: ParallelState,
+        causal: bool,
+        add_pooler: bool,
+        stage: Optional[StageLayout] = None,
     ) -> None:
         super().__init__()
         check_config(config, parallel)
-        self.embedding = Embedding(config, parallel)
-        self.encoder = ParallelTransformer(config, parallel, causal)
-        self.pooler: Optional[Pooler] = Pooler(config) if add_pooler else None
+        self.stage = StageLayout.whole(config.num_layers) if stage is None else stage
+        self.init_seed = draw_init_seed()
+        self.embedding: Optional[Embedding] = None
+        if self.stage.pre_process:
+            with init_rng(self.init_seed, EMBEDDING_UNIT):
+                self.embedding = Embedding(config, parallel)
+        self.encoder = ParallelTransformer(
+            config, parallel, causal, self.init_seed, self.stage.layers, self.stage.post_process
+        )
+        self.pooler: Optional[Pooler] = None
+        if add_pooler and self.stage.post_process:
+            with init_rng(self.init_seed, config.num_layers + 1):
+                self.pooler = Pooler(config)
+        self.input_tensor: Optional[Tensor] = None
+
+    def set_input_tensor(self, input_tensor: Optional[Tensor]) -> None:
+        """The hidden states [batch, seq, h] from the previous pipeline stage, used by the next forward."""
+        self.input_tensor = input_tensor
 
     def forward(
         self,
@@ -139,13 +168,63 @@ class TransformerLanguageModel(nn.Module):
         tokentype_ids: Optional[Tensor] = None,
         inference_params: Optional[InferenceParams] = None,
     ) -> tuple[Tensor, Optional[Tensor]]:
-        """-> (hidden [batch, seq, h] after the final layernorm, pooled [batch, h] or None).
+        """-> (hidden [batch, seq, h] after the final layernorm (before it on a stage without it), pooled
+        [batch, h] or None).
 
         `allowed`: None or a boolean mask broadcastable to [batch, heads, seq, seq], True where a query may
         attend to a key (see megatron.model.transformer). `inference_params`: the KV cache of incremental
-        decoding; the input_ids are then the new tokens, at the positions given by position_ids.
+        decoding; the input_ids are then the new tokens, at the positions given by position_ids. On a stage
+        without the embedding the input is the tensor given to `set_input_tensor`.
         """
-        embeddings = self.embedding(input_ids, position_ids, tokentype_ids)
-        hidden = self.encoder(embeddings, allowed, inference_params)
+        if self.embedding is not None:
+            x = self.embedding(input_ids, position_ids, tokentype_ids)
+        elif self.input_tensor is None:
+            raise RuntimeError(
+                "a pipeline stage without the embedding needs set_input_tensor() before forward"
+            )
+        else:
+            x = self.input_tensor
+        hidden = self.encoder(x, allowed, inference_params)
         pooled = self.pooler(hidden) if self.pooler is not None else None
         return hidden, pooled
+
+
+def word_embeddings_for_head(
+    config: TransformerConfig, parallel: ParallelState, init_seed: int
+) -> VocabParallelEmbedding:
+    """The last stage's copy of the tied word embedding (Megatron's `word_embeddings_for_head`).
+
+    Built under the embedding's seed, it starts bitwise equal to the first stage's word embeddings (drawn
+    first in that unit); the schedule all-reduces the two gradients over the embedding group each step, so
+    the copies stay equal. It is marked `shared`: the gradient norm counts only the first stage's copy.
+    """
+    with init_rng(init_seed, EMBEDDING_UNIT):
+        head = VocabParallelEmbedding(
+            config.padded_vocab_size,
+            config.hidden_size,
+            parallel=parallel,
+            init_std=config.init_method_std,
+            params_dtype=config.params_dtype,
+        )
+    head.weight.shared = True
+    return head
+
+
+def output_embedding_weight(model: nn.Module) -> Tensor:
+    """The tied output-layer weight of a GPT/BERT last stage: its own word embeddings when it also holds
+    the embedding, else its `word_embeddings_for_head` copy."""
+    embedding = model.language_model.embedding
+    return (
+        embedding.word_embeddings.weight if embedding is not None else model.word_embeddings_for_head.weight
+    )
+
+
+def mark_pipeline_tied(model: nn.Module) -> None:
+    """Mark the copies of the tied word embedding held by a stage that does not hold both ends: the first
+    stage's input embedding and the last stage's `word_embeddings_for_head` (gradients all-reduced over
+    the embedding group)."""
+    stage = model.language_model.stage
+    if stage.pre_process and not stage.post_process:
+        model.language_model.embedding.word_embeddings.weight.pipeline_tied = True
+    if stage.post_process and not stage.pre_process:
+        model.word_embeddings_for_head.weight.pipeline_tied = True

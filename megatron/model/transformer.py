@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatron.model.config import TransformerConfig
-from megatron.model.utils import alibi_slopes, gelu
+from megatron.model.utils import alibi_slopes, draw_init_seed, gelu, init_rng
 from megatron.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.parallel.random import checkpoint, get_rng_tracker
 from megatron.parallel.state import ParallelState
@@ -313,7 +313,12 @@ class ParallelTransformerLayer(nn.Module):
 
 
 class ParallelTransformer(nn.Module):
-    """`num_layers` transformer layers followed by the final layernorm.
+    """Transformer layers followed by the final layernorm.
+
+    `layers` are the global numbers of the layers to build (all of config.num_layers by default; a pipeline
+    stage builds its own block, stored as layers.0, layers.1, .. as Megatron numbers them in a stage's
+    checkpoint); layer n is initialised under `init_rng(init_seed, 1 + n)`, so its weights do not depend on
+    which stage builds it. `final_layernorm` is False on all but the last pipeline stage.
 
     recompute_granularity 'full' recomputes each whole layer in backward (only its input is kept);
     'selective' recomputes only the attention core softmax(QK^T)V inside each layer (its s^2 activations
@@ -321,24 +326,38 @@ class ParallelTransformer(nn.Module):
     are identical in the recomputation.
     """
 
-    def __init__(self, config: TransformerConfig, parallel: ParallelState, causal: bool) -> None:
+    def __init__(
+        self,
+        config: TransformerConfig,
+        parallel: ParallelState,
+        causal: bool,
+        init_seed: Optional[int] = None,
+        layers: Optional[range] = None,
+        final_layernorm: bool = True,
+    ) -> None:
         super().__init__()
         self.full_recompute = config.recompute_granularity == "full"
-        self.layers = nn.ModuleList(
-            ParallelTransformerLayer(config, parallel, causal, layer_number=n)
-            for n in range(config.num_layers)
-        )
-        self.final_layernorm = LayerNorm(
-            config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype
-        )
+        init_seed = draw_init_seed() if init_seed is None else init_seed
+        built = []
+        for n in range(config.num_layers) if layers is None else layers:
+            with init_rng(init_seed, 1 + n):
+                built.append(ParallelTransformerLayer(config, parallel, causal, layer_number=n))
+        self.layers = nn.ModuleList(built)
+        self.final_layernorm: Optional[LayerNorm] = None
+        if final_layernorm:
+            self.final_layernorm = LayerNorm(
+                config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype
+            )
 
     def forward(
         self, x: Tensor, allowed: Optional[Tensor], inference_params: Optional[InferenceParams] = None
     ) -> Tensor:
-        """x: [batch, seq, hidden] (embeddings) -> [batch, seq, hidden] (after the final layernorm).
+        """x: [batch, seq, hidden] (embeddings, or the previous stage's output) -> [batch, seq, hidden]
+        (after the final layernorm when this block has it).
 
         With `inference_params` (the KV cache) every layer appends the keys and values of the seq new
-        tokens, and the cache's sequence_len_offset then advances by seq."""
+        tokens, and the cache's sequence_len_offset then advances by seq (each pipeline stage keeps its own
+        cache)."""
         for layer in self.layers:
             if inference_params is not None:
                 x = layer(x, allowed, inference_params)
@@ -348,4 +367,4 @@ class ParallelTransformer(nn.Module):
                 x = layer(x, allowed)
         if inference_params is not None:
             inference_params.sequence_len_offset += x.size(1)
-        return self.final_layernorm(x)
+        return x if self.final_layernorm is None else self.final_layernorm(x)

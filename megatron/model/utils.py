@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -18,6 +20,24 @@ def gelu(x: Tensor, tanh_form: bool) -> Tensor:
 def init_normal_(weight: Tensor, std: float) -> Tensor:
     """Fill `weight` in place with N(0, std^2) drawn from the default torch generator."""
     return torch.nn.init.normal_(weight, mean=0.0, std=std)
+
+
+def draw_init_seed() -> int:
+    """One draw from the default torch generator: the base seed of a model's initialisation."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+@contextmanager
+def init_rng(base_seed: int, unit: int) -> Iterator[None]:
+    """Run the block with the default CPU generator seeded base_seed + unit, then restore it.
+
+    A model initialises each unit (0: embedding, 1 + n: transformer layer n, L + 1: the output heads)
+    under its own seed, so a pipeline stage that builds only layers 4..7 draws the same weights for them as
+    a model that builds everything: initialisation does not depend on the pipeline layout.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(base_seed + unit)
+        yield
 
 
 def alibi_slopes(num_heads: int) -> Tensor:
