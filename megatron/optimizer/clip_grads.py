@@ -1,17 +1,19 @@
-"""Global gradient norm over the tensor-parallel group, inf/nan detection, and clipping by that norm.
+"""Global gradient norm over the model-parallel (TP x PP) group, inf/nan detection, and clipping by it.
 
-The model's parameters are split over the TP group: a TP-split weight W is stored as shards W_0..W_{t-1},
-one per TP rank, while small parameters (layernorms, row-parallel biases) are duplicated on every rank.
-The global L2 norm of the gradient of the whole model is
+The model's parameters are split over the TP group (a TP-split weight W is stored as shards W_0..W_{t-1},
+one per TP rank, while small parameters such as layernorms and row-parallel biases are duplicated on every
+rank) and over the pipeline stages (each stage holds its own layers; the last stage also holds a copy of
+the tied word embedding, marked `shared`). The global L2 norm of the gradient of the whole model is
 
-    ||g|| = sqrt( sum over TP ranks r of  sum over params p of rank r counted in the norm of ||g_p||^2 )
+    ||g|| = sqrt( sum over ranks r of the TP x PP group of  sum over params p of r counted in the norm of ||g_p||^2 )
 
-where a duplicated parameter is counted on TP rank 0 only. Each rank computes its partial sum of squares
-from per-tensor norms (torch._foreach_norm, one pass over the gradients) and one all-reduce (SUM) over
-the TP group completes it. The same all-reduce carries the number of gradients with an inf/nan element
-(a non-finite per-tensor norm), counted over every parameter including duplicates, so all TP ranks agree
-on whether to skip the step. The DP group needs no reduction: after the data-parallel all-reduce every
-DP rank holds bitwise identical gradients, hence identical norms and the same overflow decision.
+where a TP-duplicated parameter is counted on TP rank 0 only and the shared embedding copy not at all.
+Each rank computes its partial sum of squares from per-tensor norms (torch._foreach_norm, one pass over
+the gradients) and one all-reduce (SUM) over the model-parallel group completes it. The same all-reduce
+carries the number of gradients with an inf/nan element (a non-finite per-tensor norm), counted over
+every parameter including duplicates, so all TP ranks and pipeline stages agree on whether to skip the
+step. The DP group needs no reduction: after the data-parallel all-reduce every DP rank holds bitwise
+identical gradients, hence identical norms and the same overflow decision.
 
 Clipping (Megatron's rule): with coeff = max_norm / (||g|| + 1e-6), if coeff < 1 every gradient is
 multiplied by coeff, so the clipped norm is max_norm (up to the 1e-6).
@@ -31,7 +33,8 @@ def grad_norm_and_found_inf(
 ) -> tuple[float, bool]:
     """Return (global L2 norm of the counted gradients, whether any gradient on any TP rank is inf/nan).
 
-    `counted_in_norm[i]` is False for a TP-duplicated parameter on a TP rank other than 0. The norm is
+    `counted_in_norm[i]` is False for a TP-duplicated parameter on a TP rank other than 0 and for the last
+    stage's copy of the tied embedding. The norm is
     computed in fp32 from the per-tensor norms; it is meaningless (inf/nan) when found_inf is True.
     """
     if len(grads) != len(counted_in_norm):
@@ -43,7 +46,9 @@ def grad_norm_and_found_inf(
         # Where selects the counted squares without multiplying a nan/inf by 0 (which would give nan).
         stats[0] = torch.where(counted, norms.square(), torch.zeros_like(norms)).sum()
         stats[1] = (~torch.isfinite(norms)).sum()
-    if parallel.tp_size > 1:
+    if parallel.mp_group is not None:
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=parallel.mp_group)
+    elif parallel.tp_size > 1:  # a ParallelState built by hand, without the model-parallel group
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=parallel.tp_group)
     sum_of_squares, num_nonfinite = stats.tolist()
     return sum_of_squares**0.5, num_nonfinite > 0

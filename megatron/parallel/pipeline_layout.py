@@ -17,6 +17,7 @@ number (for initialisation and the KV cache), so the weights of a layer do not d
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -153,3 +154,19 @@ def check_pipeline_args(args: argparse.Namespace, num_microbatches: int) -> None
             f"--pipeline-model-parallel-size {pp}"
         )
     args.virtual_pipeline_model_parallel_size = vp if vp > 1 else None
+
+
+_LAYER_KEY = re.compile(r"^(language_model\.encoder\.layers\.)(\d+)(\..*)$")
+_TIED_KEY = "language_model.embedding.word_embeddings.weight"
+_HEAD_KEY = "word_embeddings_for_head.weight"
+
+
+def global_key(local_key: str, stage: StageLayout) -> str:
+    """The whole-model state-dict key of a stage's key: layers.i -> layers.(first layer + i); the last
+    stage's word_embeddings_for_head is the tied word embedding."""
+    if local_key == _HEAD_KEY:
+        return _TIED_KEY
+    match = _LAYER_KEY.match(local_key)
+    if match is None:
+        return local_key
+    return f"{match.group(1)}{stage.layers[int(match.group(2))]}{match.group(3)}"
