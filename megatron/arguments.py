@@ -18,6 +18,7 @@ import torch
 
 from megatron.compat_args import add_compat_args, check_compat_args
 from megatron.model.config import TransformerConfig
+from megatron.parallel.pipeline_layout import check_pipeline_args
 
 ExtraArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
@@ -234,7 +235,19 @@ def _add_mixed_precision_args(parser: argparse.ArgumentParser) -> None:
 def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("distributed")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="Tensor model parallel degree.")
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="Only 1 is supported.")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="Pipeline stages.")
+    g.add_argument(
+        "--virtual-pipeline-model-parallel-size", type=int, default=None,
+        help="Model chunks per pipeline stage (interleaved 1F1B).",
+    )  # fmt: skip
+    g.add_argument(
+        "--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+        help="Layers per virtual stage (the classic way to ask for interleaving).",
+    )  # fmt: skip
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None, help="Layers of stage 0.")
+    g.add_argument(
+        "--decoder-last-pipeline-num-layers", type=int, default=None, help="Layers of the last stage."
+    )
     g.add_argument(
         "--distributed-backend",
         choices=["nccl", "gloo"],
@@ -372,8 +385,8 @@ def validate_args(
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if tp < 1:
         fail(f"--tensor-model-parallel-size must be >= 1, got {tp}")
-    if pp != 1:
-        fail(f"--pipeline-model-parallel-size {pp}: only 1 is supported (tensor and data parallelism only)")
+    if pp < 1:
+        fail(f"--pipeline-model-parallel-size must be >= 1, got {pp}")
     if tp > args.world_size:
         fail(f"--tensor-model-parallel-size {tp} is larger than the world size {args.world_size}")
     if args.world_size % (tp * pp) != 0:
@@ -434,6 +447,11 @@ def validate_args(
                 f"({unit}) and reach --global-batch-size {args.global_batch_size} in whole increments"
             )
         args.rampup_batch_size = [start, incr, samples]
+
+    try:
+        check_pipeline_args(args, args.global_batch_size // unit)
+    except ValueError as e:
+        fail(str(e))
 
     if args.recompute_activations:
         args.recompute_granularity = "selective"
