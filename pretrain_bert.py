@@ -19,16 +19,20 @@ from megatron.arguments import transformer_config_from_args
 from megatron.data.bert_dataset import BertMaskingConfig, BertTokenIds, build_train_valid_test_datasets
 from megatron.data.mock_dataset import MockBertDataset
 from megatron.model import BertModel
+from megatron.parallel.pipeline_layout import StageLayout
 from megatron.parallel.state import ParallelState
 from megatron.tokenizer import build_tokenizer
 from megatron.training import pretrain
 
 
-def model_provider(args: argparse.Namespace, parallel: ParallelState) -> nn.Module:
+def model_provider(
+    args: argparse.Namespace, parallel: ParallelState, stage: Optional[StageLayout] = None
+) -> nn.Module:
+    """The whole BERT, or the pipeline stage `stage` of it."""
     config = transformer_config_from_args(args)
     config.num_tokentypes = 2
     config.add_binary_head = args.bert_binary_head
-    return BertModel(config, parallel, parallel_output=True)
+    return BertModel(config, parallel, parallel_output=True, stage=stage)
 
 
 def get_batch(data_iterator: Iterator) -> dict[str, Tensor]:

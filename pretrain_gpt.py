@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 from functools import partial
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -17,13 +18,17 @@ from megatron.batch_utils import get_ltor_masks_and_position_ids
 from megatron.data.gpt_dataset import build_train_valid_test_datasets
 from megatron.data.mock_dataset import MockGPTDataset
 from megatron.model import GPTModel
+from megatron.parallel.pipeline_layout import StageLayout
 from megatron.parallel.state import ParallelState
 from megatron.tokenizer import build_tokenizer
 from megatron.training import pretrain
 
 
-def model_provider(args: argparse.Namespace, parallel: ParallelState) -> nn.Module:
-    return GPTModel(transformer_config_from_args(args), parallel, parallel_output=True)
+def model_provider(
+    args: argparse.Namespace, parallel: ParallelState, stage: Optional[StageLayout] = None
+) -> nn.Module:
+    """The whole GPT, or the pipeline stage `stage` of it."""
+    return GPTModel(transformer_config_from_args(args), parallel, parallel_output=True, stage=stage)
 
 
 def get_batch(data_iterator: Iterator, args: argparse.Namespace) -> tuple[Tensor, ...]:
