@@ -21,15 +21,16 @@ from megatron.data.mock_dataset import MockBertDataset
 from megatron.model import BertModel
 from megatron.parallel.pipeline_layout import StageLayout
 from megatron.parallel.state import ParallelState
+from megatron.run_state import RunState
 from megatron.tokenizer import build_tokenizer
 from megatron.training import pretrain
 
 
 def model_provider(
-    args: argparse.Namespace, parallel: ParallelState, stage: Optional[StageLayout] = None
+    args: argparse.Namespace, parallel: ParallelState, run: RunState, stage: Optional[StageLayout] = None
 ) -> nn.Module:
     """The whole BERT, or the pipeline stage `stage` of it."""
-    config = transformer_config_from_args(args)
+    config = transformer_config_from_args(args, run.padded_vocab_size)
     config.num_tokentypes = 2
     config.add_binary_head = args.bert_binary_head
     return BertModel(config, parallel, parallel_output=True, stage=stage)
@@ -56,7 +57,12 @@ def loss_func(
 
 
 def forward_step(
-    data_iterator: Iterator, model: nn.Module, args: argparse.Namespace, parallel: ParallelState
+    data_iterator: Iterator,
+    model: nn.Module,
+    args: argparse.Namespace,
+    parallel: ParallelState,
+    *,
+    run: RunState,
 ):
     batch = get_batch(data_iterator)
     labels = batch["labels"].clamp(min=0)  # unmasked positions carry -1 and are zeroed by the loss mask

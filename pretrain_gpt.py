@@ -20,25 +20,27 @@ from megatron.data.mock_dataset import MockGPTDataset
 from megatron.model import GPTModel
 from megatron.parallel.pipeline_layout import StageLayout
 from megatron.parallel.state import ParallelState
+from megatron.run_state import RunState
 from megatron.tokenizer import build_tokenizer
 from megatron.training import pretrain
 
 
 def model_provider(
-    args: argparse.Namespace, parallel: ParallelState, stage: Optional[StageLayout] = None
+    args: argparse.Namespace, parallel: ParallelState, run: RunState, stage: Optional[StageLayout] = None
 ) -> nn.Module:
     """The whole GPT, or the pipeline stage `stage` of it."""
-    return GPTModel(transformer_config_from_args(args), parallel, parallel_output=True, stage=stage)
+    config = transformer_config_from_args(args, run.padded_vocab_size)
+    return GPTModel(config, parallel, parallel_output=True, stage=stage)
 
 
-def get_batch(data_iterator: Iterator, args: argparse.Namespace) -> tuple[Tensor, ...]:
+def get_batch(data_iterator: Iterator, args: argparse.Namespace, eod_token: int) -> tuple[Tensor, ...]:
     """tokens = sample[:-1], labels = sample[1:], with Megatron's masks and position ids."""
     data = next(data_iterator)["text"].long()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     data = data.to(device)
     tokens, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     attention_mask, loss_mask, position_ids = get_ltor_masks_and_position_ids(
-        tokens, args.eod_token, args.reset_position_ids, args.reset_attention_mask, args.eod_mask_loss
+        tokens, eod_token, args.reset_position_ids, args.reset_attention_mask, args.eod_mask_loss
     )
     return tokens, labels, loss_mask, attention_mask, position_ids
 
@@ -50,17 +52,21 @@ def loss_func(loss_mask: Tensor, output: Tensor) -> tuple[Tensor, dict[str, Tens
 
 
 def forward_step(
-    data_iterator: Iterator, model: nn.Module, args: argparse.Namespace, parallel: ParallelState
+    data_iterator: Iterator,
+    model: nn.Module,
+    args: argparse.Namespace,
+    parallel: ParallelState,
+    *,
+    run: RunState,
 ):
-    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, args)
+    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, args, run.eod_token)
     output = model(tokens, position_ids, attention_mask, labels=labels)
     return output, partial(loss_func, loss_mask)
 
 
 def train_valid_test_datasets_provider(num_samples: list[int], args: argparse.Namespace) -> tuple:
-    tokenizer = build_tokenizer(args)
-    args.eod_token = tokenizer.eod
     if args.mock_data:
+        tokenizer = build_tokenizer(args)
         return tuple(
             MockGPTDataset(n, args.seq_length, tokenizer.vocab_size, args.seed + i) if n > 0 else None
             for i, n in enumerate(num_samples)

@@ -2,8 +2,8 @@
 
 `parse_args(argv)` returns an `argparse.Namespace` whose attribute names are Megatron's (it is saved as
 `args` in every checkpoint, where converters written for Megatron read it). Every inconsistency between
-flags is reported by `parser.error`, which prints the usage line and a message naming the flags and exits
-with status 2: no traceback for a user mistake. Typed views for the subsystems are derived from it by
+flags is reported by `parser.error`, which prints one line naming the flags and a pointer to --help, and
+exits with status 2: no traceback for a user mistake. Typed views for the subsystems are derived from it by
 `transformer_config_from_args` and `optimizer_config_from_args`.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
-from typing import Callable, Optional
+from typing import Callable, NoReturn, Optional
 
 import torch
 
@@ -50,11 +50,16 @@ CHECKPOINT_MODEL_ARGS = (
 )
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line and a pointer to --help (not the 100-line usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
 def build_parser(extra_args_provider: Optional[ExtraArgsProvider] = None) -> argparse.ArgumentParser:
     """All of Megatron's flags that this project implements, grouped as in Megatron's --help."""
-    parser = argparse.ArgumentParser(
-        description="Megatron-style GPT/BERT pretraining arguments", allow_abbrev=False
-    )
+    parser = ArgumentParser(description="Megatron-style GPT/BERT pretraining arguments", allow_abbrev=False)
     _add_network_args(parser)
     _add_regularization_args(parser)
     _add_training_args(parser)
@@ -122,6 +127,44 @@ def _add_network_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_model_args(args: argparse.Namespace, fail: Callable[[str], NoReturn]) -> None:
+    """Model shape (divisible over the TP size) and dropout; fills ffn_hidden_size, kv_channels, max positions."""
+    for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+        if getattr(args, flag) is None:
+            fail(f"--{flag.replace('_', '-')} is required")
+        if getattr(args, flag) <= 0:
+            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    tp = args.tensor_model_parallel_size
+    if args.hidden_size % args.num_attention_heads != 0 and args.kv_channels is None:
+        fail(
+            f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
+            f"{args.num_attention_heads} (or give --kv-channels)"
+        )
+    if args.num_attention_heads % tp != 0:
+        fail(
+            f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+            f"--tensor-model-parallel-size {tp}"
+        )
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = 4 * args.hidden_size
+    if args.ffn_hidden_size % tp != 0:
+        fail(
+            f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}"
+        )
+    if args.kv_channels is None:
+        args.kv_channels = args.hidden_size // args.num_attention_heads
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.position_embedding_type == "learned_absolute" and args.seq_length > args.max_position_embeddings:
+        fail(
+            f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}"
+        )
+    for flag in ("attention_dropout", "hidden_dropout"):
+        value = getattr(args, flag)
+        if not 0.0 <= value < 1.0:
+            fail(f"--{flag.replace('_', '-')} must be in [0, 1), got {value}")
+
+
 def _add_regularization_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("regularization")
     g.add_argument("--attention-dropout", type=float, default=0.1, help="Dropout on attention probabilities.")
@@ -175,6 +218,46 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-workers", type=int, default=0, help="Data loader worker processes.")
 
 
+def _check_training_args(args: argparse.Namespace, fail: Callable[[str], NoReturn]) -> None:
+    """Batch sizes (global = micro x DP x accumulation steps), rampup, recompute, run length."""
+    if args.micro_batch_size is None:
+        fail("--micro-batch-size is required")
+    if args.micro_batch_size <= 0:
+        fail(f"--micro-batch-size must be positive, got {args.micro_batch_size}")
+    # Batch sizes: global = micro x DP x gradient-accumulation steps.
+    unit = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = unit
+    if args.global_batch_size <= 0 or args.global_batch_size % unit != 0:
+        fail(
+            f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
+            f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size}"
+        )
+    if args.rampup_batch_size is not None:
+        try:
+            start, incr, samples = (int(v) for v in args.rampup_batch_size)
+        except ValueError:
+            fail(f"--rampup-batch-size expects three integers, got {' '.join(args.rampup_batch_size)}")
+        if start <= 0 or incr <= 0 or samples < 0:
+            fail("--rampup-batch-size START INCREMENT SAMPLES must be positive")
+        if start % unit != 0 or incr % unit != 0 or (args.global_batch_size - start) % incr != 0:
+            fail(
+                f"--rampup-batch-size {start} {incr}: start and increment must be multiples of micro batch x DP "
+                f"({unit}) and reach --global-batch-size {args.global_batch_size} in whole increments"
+            )
+        args.rampup_batch_size = [start, incr, samples]
+
+    if args.recompute_activations:
+        args.recompute_granularity = "selective"
+    # Iterations or samples, not both.
+    if args.train_iters is not None and args.train_samples is not None:
+        fail("give --train-iters or --train-samples, not both")
+    if args.train_iters is not None and args.rampup_batch_size is not None:
+        fail("--rampup-batch-size needs --train-samples (iterations are ill-defined while the batch grows)")
+    if args.train_iters is None and args.train_samples is None and not args.skip_train:
+        fail("one of --train-iters or --train-samples is required")
+
+
 def _add_initialization_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("initialization")
     g.add_argument("--seed", type=int, default=1234, help="Random seed for python, numpy, torch.")
@@ -200,6 +283,33 @@ def _add_learning_rate_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true")
 
 
+def _check_learning_rate_args(args: argparse.Namespace, fail: Callable[[str], NoReturn]) -> None:
+    """Warmup and decay in the unit of the run length (iterations or samples), lr range, weight decay."""
+    if args.lr_warmup_fraction is not None and (args.lr_warmup_iters or args.lr_warmup_samples):
+        fail("--lr-warmup-fraction cannot be combined with --lr-warmup-iters or --lr-warmup-samples")
+    if args.train_iters is not None and (args.lr_decay_samples is not None or args.lr_warmup_samples):
+        fail("with --train-iters, give --lr-decay-iters / --lr-warmup-iters (not the -samples forms)")
+    if args.train_samples is not None and (args.lr_decay_iters is not None or args.lr_warmup_iters):
+        fail("with --train-samples, give --lr-decay-samples / --lr-warmup-samples (not the -iters forms)")
+    if args.train_iters is not None and args.lr_warmup_iters >= (args.lr_decay_iters or args.train_iters):
+        fail(
+            f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters "
+            f"(default --train-iters) {args.lr_decay_iters or args.train_iters}"
+        )
+    if args.train_samples is not None and args.lr_warmup_samples >= (
+        args.lr_decay_samples or args.train_samples
+    ):
+        fail("--lr-warmup-samples must be smaller than --lr-decay-samples (default --train-samples)")
+    if args.lr is None and not args.skip_train:
+        fail("--lr is required")
+    if args.lr is not None and args.min_lr > args.lr:
+        fail(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    if args.start_weight_decay is None:
+        args.start_weight_decay = args.weight_decay
+    if args.end_weight_decay is None:
+        args.end_weight_decay = args.weight_decay
+
+
 def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("checkpointing")
     g.add_argument("--save", type=str, default=None, help="Directory to save checkpoints to.")
@@ -221,6 +331,18 @@ def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_checkpointing_args(args: argparse.Namespace, fail: Callable[[str], NoReturn]) -> None:
+    """Save/load flags, and the logging and evaluation intervals."""
+    if args.save_interval is not None and args.save_interval <= 0:
+        fail("--save-interval must be positive")
+    if args.save_interval is not None and args.save is None:
+        fail("--save-interval needs --save DIR")
+    if args.log_interval <= 0 or args.eval_interval <= 0 or args.eval_iters < 0:
+        fail("--log-interval and --eval-interval must be positive and --eval-iters non-negative")
+    if args.finetune and not args.load:
+        fail("--finetune needs --load DIR")
+
+
 def _add_mixed_precision_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("mixed precision")
     g.add_argument("--fp16", action="store_true", help="fp16 model with fp32 main weights and loss scaling.")
@@ -230,6 +352,15 @@ def _add_mixed_precision_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--min-loss-scale", type=float, default=1.0, help="Minimum dynamic loss scale.")
     g.add_argument("--loss-scale-window", type=int, default=1000, help="Clean steps before the scale grows.")
     g.add_argument("--hysteresis", type=int, default=2, help="Overflows tolerated before the scale drops.")
+
+
+def _check_mixed_precision_args(args: argparse.Namespace, fail: Callable[[str], NoReturn]) -> None:
+    """One of fp16/bf16; the parameter dtype."""
+    if args.fp16 and args.bf16:
+        fail("--fp16 and --bf16 are mutually exclusive")
+    if args.loss_scale is not None and not args.fp16:
+        fail("--loss-scale only applies with --fp16")
+    args.params_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
 
 
 def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
@@ -263,6 +394,35 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
         help="All-reduce gradients after the backward pass instead of overlapping with it.",
     )
     g.add_argument("--ddp-bucket-size", type=int, default=40_000_000, help="Elements per gradient bucket.")
+
+
+def _check_pipeline_args(args: argparse.Namespace, fail: Callable[[str], NoReturn]) -> None:
+    """The split of --num-layers over the stages (and virtual stages) and the microbatches it needs."""
+    try:
+        check_pipeline_args(args, args.global_batch_size // (args.micro_batch_size * args.data_parallel_size))
+    except ValueError as e:
+        fail(str(e))
+
+
+def _check_distributed_args(args: argparse.Namespace, fail: Callable[[str], NoReturn]) -> None:
+    """The TP x PP x DP grid of the world size, and the backend; fills data_parallel_size."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if tp < 1:
+        fail(f"--tensor-model-parallel-size must be >= 1, got {tp}")
+    if pp < 1:
+        fail(f"--pipeline-model-parallel-size must be >= 1, got {pp}")
+    if tp > args.world_size:
+        fail(f"--tensor-model-parallel-size {tp} is larger than the world size {args.world_size}")
+    if args.world_size % (tp * pp) != 0:
+        fail(
+            f"world size {args.world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+            f"--pipeline-model-parallel-size {pp}"
+        )
+    args.data_parallel_size = args.world_size // (tp * pp)
+    if args.distributed_backend == "nccl" and args.world_size > 1 and not torch.cuda.is_available():
+        fail(
+            "--distributed-backend nccl needs CUDA GPUs, and none is visible: use --distributed-backend gloo"
+        )
 
 
 def _add_validation_args(parser: argparse.ArgumentParser) -> None:
@@ -307,6 +467,52 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eod-mask-loss", action="store_true", help="Do not train on end-of-document tokens.")
 
 
+def _check_data_args(args: argparse.Namespace, fail: Callable[[str], NoReturn], require_data: bool) -> None:
+    """--data-path (pairs of weight and prefix, files present), --mock-data, --split, the tokenizer's files."""
+    if require_data and not args.mock_data and not args.data_path:
+        fail("give --data-path PREFIX (or weights and prefixes), or --mock-data")
+    if args.data_path and args.mock_data:
+        fail("--data-path and --mock-data are mutually exclusive")
+    if args.data_path and len(args.data_path) > 1:
+        if len(args.data_path) % 2 != 0:
+            fail("--data-path with several datasets takes pairs: WEIGHT PREFIX WEIGHT PREFIX ...")
+        for weight in args.data_path[0::2]:
+            try:
+                float(weight)
+            except ValueError:
+                fail(f"--data-path: expected a weight, got {weight!r} (pairs: WEIGHT PREFIX ...)")
+    if args.data_path:
+        prefixes = args.data_path if len(args.data_path) == 1 else args.data_path[1::2]
+        for prefix in prefixes:
+            missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+            if missing:
+                fail(
+                    f"--data-path {prefix}: no {' or '.join(prefix + ext for ext in missing)} (give the prefix "
+                    "that tools/preprocess_data.py wrote, e.g. corpus_text_document)"
+                )
+    try:
+        split = [float(s) for s in args.split.replace("/", ",").split(",") if s.strip()]
+    except ValueError:
+        fail(f"--split {args.split!r} must be comma-separated numbers such as 969,30,1")
+    if not split or any(s < 0 for s in split) or sum(split) <= 0:
+        fail(f"--split {args.split!r} must be non-negative numbers with a positive sum")
+    if args.tokenizer_type is None and args.vocab_size is not None:
+        args.tokenizer_type = "NullTokenizer"
+    if args.tokenizer_type is None:
+        fail("--tokenizer-type is required (or --vocab-size for NullTokenizer)")
+    needs = {
+        "GPT2BPETokenizer": ("vocab_file", "merge_file"),
+        "BertWordPieceLowerCase": ("vocab_file",),
+        "BertWordPieceCase": ("vocab_file",),
+        "SentencePieceTokenizer": ("tokenizer_model",),
+        "HuggingFaceTokenizer": ("tokenizer_model",),
+        "NullTokenizer": ("vocab_size",),
+    }[args.tokenizer_type]
+    for flag in needs:
+        if getattr(args, flag) is None:
+            fail(f"--tokenizer-type {args.tokenizer_type} needs --{flag.replace('_', '-')}")
+
+
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("logging")
     g.add_argument("--tensorboard-dir", type=str, default=None, help="Write TensorBoard scalars here.")
@@ -346,6 +552,7 @@ def parse_args(
     args = parser.parse_args(argv)
     if args.use_checkpoint_args:
         _apply_checkpoint_args(parser, args)
+    args.rank = launcher_ranks()[0]
     args.world_size = world_size if world_size is not None else world_size_from_env()
     notes = check_compat_args(parser, args)
     validate_args(parser, args, require_data=require_data)
@@ -373,194 +580,29 @@ def _apply_checkpoint_args(parser: argparse.ArgumentParser, args: argparse.Names
 def validate_args(
     parser: argparse.ArgumentParser, args: argparse.Namespace, require_data: bool = True
 ) -> None:
-    """Check every cross-flag constraint; fill derived values (data-parallel size, defaults)."""
+    """Check every cross-flag constraint, subsystem by subsystem (each check sits after its flags);
+    fill derived values (data-parallel size, defaults)."""
     fail = parser.error
-    for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size"):
-        if getattr(args, flag) is None:
-            fail(f"--{flag.replace('_', '-')} is required")
-    for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size"):
-        if getattr(args, flag) <= 0:
-            fail(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if tp < 1:
-        fail(f"--tensor-model-parallel-size must be >= 1, got {tp}")
-    if pp < 1:
-        fail(f"--pipeline-model-parallel-size must be >= 1, got {pp}")
-    if tp > args.world_size:
-        fail(f"--tensor-model-parallel-size {tp} is larger than the world size {args.world_size}")
-    if args.world_size % (tp * pp) != 0:
-        fail(
-            f"world size {args.world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-            f"--pipeline-model-parallel-size {pp}"
-        )
-    args.data_parallel_size = args.world_size // (tp * pp)
-    if args.distributed_backend == "nccl" and args.world_size > 1 and not torch.cuda.is_available():
-        fail(
-            "--distributed-backend nccl needs CUDA GPUs, and none is visible: use --distributed-backend gloo"
-        )
-
-    if args.hidden_size % args.num_attention_heads != 0 and args.kv_channels is None:
-        fail(
-            f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
-            f"{args.num_attention_heads} (or give --kv-channels)"
-        )
-    if args.num_attention_heads % tp != 0:
-        fail(
-            f"--num-attention-heads {args.num_attention_heads} is not divisible by "
-            f"--tensor-model-parallel-size {tp}"
-        )
-    if args.ffn_hidden_size is None:
-        args.ffn_hidden_size = 4 * args.hidden_size
-    if args.ffn_hidden_size % tp != 0:
-        fail(
-            f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}"
-        )
-    if args.kv_channels is None:
-        args.kv_channels = args.hidden_size // args.num_attention_heads
-    if args.max_position_embeddings is None:
-        args.max_position_embeddings = args.seq_length
-    if args.position_embedding_type == "learned_absolute" and args.seq_length > args.max_position_embeddings:
-        fail(
-            f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}"
-        )
-
-    # Batch sizes: global = micro x DP x gradient-accumulation steps.
-    unit = args.micro_batch_size * args.data_parallel_size
-    if args.global_batch_size is None:
-        args.global_batch_size = unit
-    if args.global_batch_size <= 0 or args.global_batch_size % unit != 0:
-        fail(
-            f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
-            f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size}"
-        )
-    if args.rampup_batch_size is not None:
-        try:
-            start, incr, samples = (int(v) for v in args.rampup_batch_size)
-        except ValueError:
-            fail(f"--rampup-batch-size expects three integers, got {' '.join(args.rampup_batch_size)}")
-        if start <= 0 or incr <= 0 or samples < 0:
-            fail("--rampup-batch-size START INCREMENT SAMPLES must be positive")
-        if start % unit != 0 or incr % unit != 0 or (args.global_batch_size - start) % incr != 0:
-            fail(
-                f"--rampup-batch-size {start} {incr}: start and increment must be multiples of micro batch x DP "
-                f"({unit}) and reach --global-batch-size {args.global_batch_size} in whole increments"
-            )
-        args.rampup_batch_size = [start, incr, samples]
-
-    try:
-        check_pipeline_args(args, args.global_batch_size // unit)
-    except ValueError as e:
-        fail(str(e))
-
-    if args.recompute_activations:
-        args.recompute_granularity = "selective"
-
-    # Iterations or samples, not both.
-    if args.train_iters is not None and args.train_samples is not None:
-        fail("give --train-iters or --train-samples, not both")
-    if args.train_iters is not None and args.rampup_batch_size is not None:
-        fail("--rampup-batch-size needs --train-samples (iterations are ill-defined while the batch grows)")
-    if args.train_iters is None and args.train_samples is None and not args.skip_train:
-        fail("one of --train-iters or --train-samples is required")
-    if args.lr_warmup_fraction is not None and (args.lr_warmup_iters or args.lr_warmup_samples):
-        fail("--lr-warmup-fraction cannot be combined with --lr-warmup-iters or --lr-warmup-samples")
-    if args.train_iters is not None and (args.lr_decay_samples is not None or args.lr_warmup_samples):
-        fail("with --train-iters, give --lr-decay-iters / --lr-warmup-iters (not the -samples forms)")
-    if args.train_samples is not None and (args.lr_decay_iters is not None or args.lr_warmup_iters):
-        fail("with --train-samples, give --lr-decay-samples / --lr-warmup-samples (not the -iters forms)")
-    if args.train_iters is not None and args.lr_warmup_iters >= (args.lr_decay_iters or args.train_iters):
-        fail(
-            f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters "
-            f"(default --train-iters) {args.lr_decay_iters or args.train_iters}"
-        )
-    if args.train_samples is not None and args.lr_warmup_samples >= (
-        args.lr_decay_samples or args.train_samples
-    ):
-        fail("--lr-warmup-samples must be smaller than --lr-decay-samples (default --train-samples)")
-    if args.lr is None and not args.skip_train:
-        fail("--lr is required")
-    if args.lr is not None and args.min_lr > args.lr:
-        fail(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
-    if args.start_weight_decay is None:
-        args.start_weight_decay = args.weight_decay
-    if args.end_weight_decay is None:
-        args.end_weight_decay = args.weight_decay
-
-    if args.fp16 and args.bf16:
-        fail("--fp16 and --bf16 are mutually exclusive")
-    if args.loss_scale is not None and not args.fp16:
-        fail("--loss-scale only applies with --fp16")
-    args.params_dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
-    for flag in ("attention_dropout", "hidden_dropout"):
-        value = getattr(args, flag)
-        if not 0.0 <= value < 1.0:
-            fail(f"--{flag.replace('_', '-')} must be in [0, 1), got {value}")
-
-    if require_data and not args.mock_data and not args.data_path:
-        fail("give --data-path PREFIX (or weights and prefixes), or --mock-data")
-    if args.data_path and args.mock_data:
-        fail("--data-path and --mock-data are mutually exclusive")
-    if args.data_path and len(args.data_path) > 1:
-        if len(args.data_path) % 2 != 0:
-            fail("--data-path with several datasets takes pairs: WEIGHT PREFIX WEIGHT PREFIX ...")
-        for weight in args.data_path[0::2]:
-            try:
-                float(weight)
-            except ValueError:
-                fail(f"--data-path: expected a weight, got {weight!r} (pairs: WEIGHT PREFIX ...)")
-    if args.data_path:
-        prefixes = args.data_path if len(args.data_path) == 1 else args.data_path[1::2]
-        for prefix in prefixes:
-            missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
-            if missing:
-                fail(
-                    f"--data-path {prefix}: no {' or '.join(prefix + ext for ext in missing)} (give the prefix "
-                    "that tools/preprocess_data.py wrote, e.g. corpus_text_document)"
-                )
-    try:
-        split = [float(s) for s in args.split.replace("/", ",").split(",") if s.strip()]
-    except ValueError:
-        fail(f"--split {args.split!r} must be comma-separated numbers such as 969,30,1")
-    if not split or any(s < 0 for s in split) or sum(split) <= 0:
-        fail(f"--split {args.split!r} must be non-negative numbers with a positive sum")
-
-    if args.tokenizer_type is None and args.vocab_size is not None:
-        args.tokenizer_type = "NullTokenizer"
-    if args.tokenizer_type is None:
-        fail("--tokenizer-type is required (or --vocab-size for NullTokenizer)")
-    needs = {
-        "GPT2BPETokenizer": ("vocab_file", "merge_file"),
-        "BertWordPieceLowerCase": ("vocab_file",),
-        "BertWordPieceCase": ("vocab_file",),
-        "SentencePieceTokenizer": ("tokenizer_model",),
-        "HuggingFaceTokenizer": ("tokenizer_model",),
-        "NullTokenizer": ("vocab_size",),
-    }[args.tokenizer_type]
-    for flag in needs:
-        if getattr(args, flag) is None:
-            fail(f"--tokenizer-type {args.tokenizer_type} needs --{flag.replace('_', '-')}")
-
-    if args.save_interval is not None and args.save_interval <= 0:
-        fail("--save-interval must be positive")
-    if args.save_interval is not None and args.save is None:
-        fail("--save-interval needs --save DIR")
-    if args.log_interval <= 0 or args.eval_interval <= 0 or args.eval_iters < 0:
-        fail("--log-interval and --eval-interval must be positive and --eval-iters non-negative")
-    if args.finetune and not args.load:
-        fail("--finetune needs --load DIR")
-
-    args.consumed_train_samples = 0
-    args.consumed_valid_samples = 0
+    _check_distributed_args(args, fail)
+    _check_model_args(args, fail)
+    _check_training_args(args, fail)
+    _check_pipeline_args(args, fail)
+    _check_learning_rate_args(args, fail)
+    _check_mixed_precision_args(args, fail)
+    _check_data_args(args, fail, require_data)
+    _check_checkpointing_args(args, fail)
 
 
-def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
-    """The model's typed config; `args.padded_vocab_size` must be set (by the tokenizer) first."""
+def transformer_config_from_args(
+    args: argparse.Namespace, padded_vocab_size: Optional[int] = None
+) -> TransformerConfig:
+    """The model's typed config. `padded_vocab_size` (the run's, see megatron.run_state) defaults to
+    `args.padded_vocab_size`, which the args saved in a checkpoint carry."""
     return TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads,
-        padded_vocab_size=args.padded_vocab_size,
+        padded_vocab_size=args.padded_vocab_size if padded_vocab_size is None else padded_vocab_size,
         max_position_embeddings=args.max_position_embeddings,
         ffn_hidden_size=args.ffn_hidden_size,
         kv_channels=args.kv_channels,

@@ -54,6 +54,7 @@ from megatron.checkpoint_format import (
     to_megatron_state_dict,
     tracker_text,
 )
+from megatron.parallel.collectives import all_ranks
 from megatron.parallel.random import get_rng_tracker
 from megatron.parallel.state import ParallelState, print_rank_0
 
@@ -230,14 +231,7 @@ def _publish(temp_dir: str, final_dir: str, save_dir: str, token: str, tracker: 
 def _raise_unless_all_succeeded(error: Optional[Exception], parallel: ParallelState, what: str) -> None:
     """All-reduce (MIN) a success flag over all ranks, which also acts as a barrier; raise on every rank if
     any rank failed: with its own exception chained on the failing rank."""
-    ok = error is None
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        flag = torch.tensor([int(ok)], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        all_ok = bool(flag.item())
-    else:
-        all_ok = ok
+    all_ok = all_ranks(error is None)
     if error is not None:
         raise CheckpointError(f"{what}: {type(error).__name__}: {error}") from error
     if not all_ok:

@@ -45,6 +45,5 @@ def initialize_megatron(args: argparse.Namespace) -> ParallelState:
         )
     else:
         parallel = single_process_state()
-    args.rank = rank
     model_parallel_seed(args.seed, parallel)
     return parallel

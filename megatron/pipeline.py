@@ -1,7 +1,7 @@
 """Training-side glue for pipeline parallelism: build this rank's model chunk(s) and run one global batch
 through the schedule of the grid (megatron.schedules), with gradients finalised for the optimizer.
 
-A model provider takes `(args, parallel)` and, under pipeline parallelism, a keyword `stage`
+A model provider takes `(args, parallel, ...)` and, under pipeline parallelism, a keyword `stage`
 (megatron.parallel.pipeline_layout.StageLayout) naming the layers to build. This rank holds one chunk
 (`--virtual-pipeline-model-parallel-size` unset) or v chunks in an nn.ModuleList (interleaved 1F1B);
 either is wrapped whole in one DistributedDataParallel, so one gradient buffer covers all chunks.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import inspect
 from collections.abc import Iterator
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -30,11 +30,12 @@ class PipelineSetupError(Exception):
 
 
 def build_model(
-    model_provider: ModelProvider, args: argparse.Namespace, parallel: ParallelState
+    model_provider: ModelProvider, args: argparse.Namespace, parallel: ParallelState, *provider_args: Any
 ) -> nn.Module:
-    """The whole model (PP = 1), this stage's chunk, or an nn.ModuleList of this stage's v chunks."""
+    """The whole model (PP = 1), this stage's chunk, or an nn.ModuleList of this stage's v chunks:
+    model_provider(args, parallel, *provider_args[, stage=...])."""
     if parallel.pp_size == 1:
-        return model_provider(args, parallel)
+        return model_provider(args, parallel, *provider_args)
     layouts = stage_layouts(
         args.num_layers,
         parallel.pp_size,
@@ -47,7 +48,7 @@ def build_model(
             "--pipeline-model-parallel-size > 1: this model provider cannot build a pipeline stage; run with "
             "--pipeline-model-parallel-size 1"
         )
-    chunks = [model_provider(args, parallel, stage=stage) for stage in layouts]
+    chunks = [model_provider(args, parallel, *provider_args, stage=stage) for stage in layouts]
     return chunks[0] if len(chunks) == 1 else nn.ModuleList(chunks)
 
 

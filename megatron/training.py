@@ -14,9 +14,16 @@ One iteration (`train_step`), through the pipeline schedule of the grid (megatro
 Entry scripts (pretrain_gpt.py, pretrain_bert.py) supply three functions:
 
     train_valid_test_datasets_provider(num_samples: [train, valid, test], args) -> (train, valid, test)
-    model_provider(args, parallel[, stage=StageLayout]) -> nn.Module   (stage: this pipeline stage's layers)
-    forward_step(data_iterator, model, args, parallel) -> (output, loss_func)
+    model_provider(args, parallel, run[, stage=StageLayout]) -> nn.Module   (stage: a pipeline stage's layers)
+    forward_step(data_iterator, model, args, parallel, *, run) -> (output, loss_func)
         where loss_func(output) -> (loss: scalar tensor, {name: scalar tensor} to log)
+
+`args` holds the flags and is never written to; `run` (megatron.run_state.RunState) holds what the run
+derives (padded vocabulary size, end-of-document id) and counts (iteration, consumed samples).
+
+A relaunch whose checkpoint is already at --train-iters (or past --train-samples) prints "training is
+complete at iteration N" and exits without training, evaluating or saving; with --skip-train it runs
+the final evaluation.
 """
 
 from __future__ import annotations
@@ -43,14 +50,18 @@ from megatron.lr_scheduler import OptimizerParamScheduler
 from megatron.microbatches import MicroBatchCalculator
 from megatron.model.utils import hardware_flops
 from megatron.optimizer import MegatronOptimizer, OptimizerConfig, build_optimizer
+from megatron.parallel.collectives import all_reduce, any_rank
 from megatron.parallel.state import ParallelState, describe_grid, print_rank_0, print_rank_last
 from megatron.pipeline import PipelineSetupError, build_model, forward_backward, forward_only
+from megatron.run_state import RunState
 from megatron.schedules import broadcast_from_last_stage
-from megatron.tokenizer import build_tokenizer, vocab_size_with_padding
+from megatron.tokenizer import build_tokenizer
 from megatron.training_log import IntervalLogger, ScalarWriter, format_eval_block
 
 DatasetsProvider = Callable[[list, argparse.Namespace], tuple]
-ModelProvider = Callable[[argparse.Namespace, ParallelState], nn.Module]
+ModelProvider = Callable[[argparse.Namespace, ParallelState, RunState], nn.Module]
+# An entry script's forward step; pretrain() binds its `run` keyword and hands on a ForwardStep.
+EntryForwardStep = Callable[..., tuple]
 ForwardStep = Callable[[Iterator, nn.Module, argparse.Namespace, ParallelState], tuple]
 
 
@@ -152,9 +163,8 @@ def _average_over_dp(stats: list[dict[str, torch.Tensor]], parallel: ParallelSta
         return {}
     names = list(stats[0])
     values = torch.stack([torch.stack([s[n].detach().float() for s in stats]).mean() for n in names])
-    if parallel.dp_group is not None:
-        dist.all_reduce(values, group=parallel.dp_group)
-        values /= parallel.dp_size
+    all_reduce(values, parallel.dp_group)
+    values /= parallel.dp_size
     return {n: float(v) for n, v in zip(names, values.tolist())}
 
 
@@ -194,7 +204,6 @@ def evaluate(
     stats = []
     for _ in range(args.eval_iters):
         stats += forward_only(forward_step, data_iterator, model, num_microbatches, args, parallel)
-        args.consumed_valid_samples += args.global_batch_size
     model.train()
     return broadcast_from_last_stage(_average_over_dp(stats, parallel), parallel)
 
@@ -208,34 +217,27 @@ def evaluate_and_print(
     args: argparse.Namespace,
     parallel: ParallelState,
     writer: ScalarWriter,
-    iteration: int,
+    run: RunState,
 ) -> Optional[dict[str, float]]:
+    """Evaluate, print Megatron's validation block and write the scalars; counts the validation samples."""
     if data_iterator is None or args.eval_iters == 0:
         return None
     losses = evaluate(forward_step, data_iterator, model, num_microbatches, args, parallel)
+    run.consumed_valid_samples += args.eval_iters * args.global_batch_size
     print_rank_last(parallel, format_eval_block(prefix, losses))
     tag = prefix.split()[0]
     scalars = {f"{name} {tag}": v for name, v in losses.items()}
     scalars.update({f"{name} {tag} ppl": math.exp(min(20.0, v)) for name, v in losses.items()})
-    writer.add_scalars(scalars, iteration)
+    writer.add_scalars(scalars, run.iteration)
     return losses
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every rank when the flag is true on any rank (so all ranks take the same branch)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def setup_model_and_optimizer(
-    model_provider: ModelProvider, args: argparse.Namespace, parallel: ParallelState
+    model_provider: ModelProvider, args: argparse.Namespace, parallel: ParallelState, run: RunState
 ) -> tuple[DistributedDataParallel, MegatronOptimizer, OptimizerParamScheduler]:
     """Build the model in fp32 (TP-independent initialisation), cast it to the training dtype, wrap it
     for data parallelism, and build the optimizer and its learning-rate scheduler."""
-    model = build_model(model_provider, args, parallel)
+    model = build_model(model_provider, args, parallel, run)
     if args.params_dtype != torch.float32:
         model = model.to(dtype=args.params_dtype)
     if torch.cuda.is_available():
@@ -254,8 +256,9 @@ def load_for_training(
     scheduler: OptimizerParamScheduler,
     args: argparse.Namespace,
     parallel: ParallelState,
-) -> int:
-    """Resume from --load (or start fresh when it holds no checkpoint); returns the iteration."""
+    run: RunState,
+) -> None:
+    """Resume from --load into `run` (or start fresh when it holds no checkpoint)."""
     try:
         iteration, ckpt_args = load_checkpoint(
             model.module,
@@ -270,22 +273,21 @@ def load_for_training(
     except ValueError as e:  # the scheduler refuses settings that contradict the checkpoint's
         raise CheckpointError(f"{args.load}: {e}") from None
     if ckpt_args is None:
-        return 0
+        return
     release = read_metadata(args.load)[1]
     if args.finetune or args.no_load_optim or release:
         optimizer.reload_model_params()  # fp32 main weights from the loaded (bf16/fp16) model weights
     if not args.finetune:
-        args.consumed_train_samples = getattr(ckpt_args, "consumed_train_samples", 0)
-        args.consumed_valid_samples = getattr(ckpt_args, "consumed_valid_samples", 0)
+        run.resume(iteration, ckpt_args)
     print_rank_0(parallel, f"> loaded checkpoint from {args.load} at iteration {iteration}")
-    return iteration
 
 
 def build_data_iterators(
-    datasets: tuple, args: argparse.Namespace, parallel: ParallelState
+    datasets: tuple, args: argparse.Namespace, parallel: ParallelState, run: RunState, train: bool
 ) -> tuple[Optional[Iterator], ...]:
-    """Iterators over this data-parallel rank's micro batches; training resumes at the consumed samples.
-    Validation and test iterators cycle, so any number of evaluations can draw from them."""
+    """Iterators over this data-parallel rank's micro batches; training resumes at the consumed samples
+    (no training iterator unless `train`). Validation and test iterators cycle, so any number of
+    evaluations can draw from them."""
     train_ds, valid_ds, test_ds = datasets
     loader = partial(
         build_data_loader,
@@ -294,12 +296,15 @@ def build_data_iterators(
         parallel_size=parallel.dp_size,
         num_workers=args.num_workers,
     )
-    train = loader(
-        train_ds, args.consumed_train_samples, dataloader_type=args.dataloader_type, seed=args.seed
-    )
+    train_iter = None
+    if train:
+        train_loader = loader(
+            train_ds, run.consumed_train_samples, dataloader_type=args.dataloader_type, seed=args.seed
+        )
+        train_iter = _data_iterator(train_loader, args.dataloader_type == "cyclic")
     return (
-        _data_iterator(train, args.dataloader_type == "cyclic"),
-        _data_iterator(loader(valid_ds, args.consumed_valid_samples), True),
+        train_iter,
+        _data_iterator(loader(valid_ds, run.consumed_valid_samples), True),
         _data_iterator(loader(test_ds, 0), True),
     )
 
@@ -307,7 +312,7 @@ def build_data_iterators(
 def pretrain(
     train_valid_test_datasets_provider: DatasetsProvider,
     model_provider: ModelProvider,
-    forward_step: ForwardStep,
+    forward_step: EntryForwardStep,
     extra_args_provider: Optional[ExtraArgsProvider] = None,
     args_defaults: Optional[dict] = None,
     argv: Optional[list[str]] = None,
@@ -324,55 +329,93 @@ def pretrain(
         raise SystemExit(1) from None
 
 
+def training_is_complete(args: argparse.Namespace, run: RunState) -> bool:
+    """True when the checkpoint the run resumed from is already at --train-iters (or past --train-samples)."""
+    if args.train_iters is not None:
+        return run.iteration >= args.train_iters
+    return args.train_samples is not None and run.consumed_train_samples >= args.train_samples
+
+
 def _pretrain(
     datasets_provider: DatasetsProvider,
     model_provider: ModelProvider,
-    forward_step: ForwardStep,
+    entry_forward_step: EntryForwardStep,
     args: argparse.Namespace,
 ) -> dict:
     start_time = time.time()
     parallel = initialize_megatron(args)
-    tokenizer = build_tokenizer(args)
-    args.padded_vocab_size = vocab_size_with_padding(
-        tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
-    )
+    run = RunState.from_tokenizer(build_tokenizer(args), args)
     print_rank_0(
         parallel,
-        f"> world size {args.world_size}: {describe_grid(parallel)}; "
-        f"vocab {tokenizer.vocab_size} padded to {args.padded_vocab_size}",
+        f"> world size {args.world_size}: {describe_grid(parallel)}; vocab padded to {run.padded_vocab_size}",
     )
-
-    model, optimizer, scheduler = setup_model_and_optimizer(model_provider, args, parallel)
-    iteration = load_for_training(model, optimizer, scheduler, args, parallel) if args.load else 0
+    model, optimizer, scheduler = setup_model_and_optimizer(model_provider, args, parallel, run)
+    if args.load:
+        load_for_training(model, optimizer, scheduler, args, parallel, run)
+    summary: dict = {"iteration": run.iteration, "losses": [], "skipped_iterations": 0}
+    complete = training_is_complete(args, run)
+    if complete:
+        print_rank_0(parallel, f"training is complete at iteration {run.iteration}")
+        if not args.skip_train:  # a relaunch of a finished run: nothing to train, evaluate or save
+            return summary
     try:
         datasets = datasets_provider(train_valid_test_num_samples(args), args)
     except (ValueError, OSError) as e:  # the data modules name the flag or file at fault
         raise TrainingError(f"data: {e}") from None
-    train_iter, valid_iter, test_iter = build_data_iterators(datasets, args, parallel)
+    train = not (args.skip_train or complete)
+    train_iter, valid_iter, test_iter = build_data_iterators(datasets, args, parallel, run, train)
 
+    forward_step = partial(entry_forward_step, run=run)
     writer = ScalarWriter(args, is_last_rank())
-    calculator = MicroBatchCalculator(
-        args.global_batch_size, args.micro_batch_size, parallel.dp_size, args.rampup_batch_size
-    )
-    summary: dict = {"iteration": iteration, "losses": [], "skipped_iterations": 0}
-    if not args.skip_train:
-        iteration = _train_loop(
-            forward_step, model, optimizer, scheduler, train_iter, valid_iter, calculator, args, parallel,
-            writer, iteration, start_time, summary,
-        )  # fmt: skip
-    summary["iteration"] = iteration
+    if train:
+        _train_loop(forward_step, model, optimizer, scheduler, train_iter, valid_iter, args, parallel, run, writer,
+                    start_time, summary)  # fmt: skip
+    summary["iteration"] = run.iteration
     summary["loss_scale"] = optimizer.loss_scale
     full_batch = args.global_batch_size // (args.micro_batch_size * parallel.dp_size)
-    summary["valid"] = evaluate_and_print(
-        f"validation loss at the end of training (iteration {iteration})",
-        forward_step, valid_iter, model, full_batch, args, parallel, writer, iteration,
-    )  # fmt: skip
-    summary["test"] = evaluate_and_print(
-        f"test loss at the end of training (iteration {iteration})",
-        forward_step, test_iter, model, full_batch, args, parallel, writer, iteration,
-    )  # fmt: skip
+    for name, data in (("validation", valid_iter), ("test", test_iter)):
+        summary["valid" if name == "validation" else "test"] = evaluate_and_print(
+            f"{name} loss at the end of training (iteration {run.iteration})",
+            forward_step, data, model, full_batch, args, parallel, writer, run,
+        )  # fmt: skip
     writer.close()
     return summary
+
+
+def train_iteration(
+    forward_step: ForwardStep,
+    data_iterator: Iterator,
+    model: DistributedDataParallel,
+    optimizer: MegatronOptimizer,
+    scheduler: OptimizerParamScheduler,
+    global_batch: int,
+    args: argparse.Namespace,
+    parallel: ParallelState,
+    run: RunState,
+    logger: IntervalLogger,
+    flops: float,
+) -> dict[str, float]:
+    """One iteration of a training loop (pretraining or fine-tuning): train_step, the counters in `run`,
+    the learning-rate schedule, the log line; stops the run after --max-nan-iterations bad iterations."""
+    num_micro = global_batch // (args.micro_batch_size * parallel.dp_size)
+    losses, update_successful, grad_norm = train_step(
+        forward_step, data_iterator, model, optimizer, num_micro, args, parallel
+    )
+    run.iteration += 1
+    run.consumed_train_samples += global_batch
+    if update_successful:
+        scheduler.step(increment=global_batch)
+    logger.record(
+        run.iteration, run.consumed_train_samples, losses, update_successful, grad_norm, global_batch,
+        scheduler.get_lr(), optimizer.loss_scale, flops,
+    )  # fmt: skip
+    if logger.consecutive_bad >= args.max_nan_iterations:
+        raise TrainingError(
+            f"{logger.consecutive_bad} consecutive iterations (up to {run.iteration}) had NaN/inf losses or "
+            "gradients; stopping without saving. The last checkpoint in --save is intact: lower --lr, check "
+            "the data, or raise --max-nan-iterations."
+        )
+    return losses
 
 
 def _train_loop(
@@ -382,70 +425,53 @@ def _train_loop(
     scheduler: OptimizerParamScheduler,
     train_iter: Iterator,
     valid_iter: Optional[Iterator],
-    calculator: MicroBatchCalculator,
     args: argparse.Namespace,
     parallel: ParallelState,
+    run: RunState,
     writer: ScalarWriter,
-    iteration: int,
     start_time: float,
     summary: dict,
-) -> int:
+) -> None:
     train_iters, _ = train_schedule(args)
 
-    def save(it: int) -> None:
+    def save() -> None:
         if args.save:
-            save_checkpoint(it, model.module, optimizer, scheduler, args, parallel, args.save)
+            save_checkpoint(run.iteration, model.module, optimizer, scheduler, run.checkpoint_args(args),
+                            parallel, args.save)  # fmt: skip
 
+    calculator = MicroBatchCalculator(
+        args.global_batch_size, args.micro_batch_size, parallel.dp_size, args.rampup_batch_size
+    )
     model.train()
     logger = IntervalLogger(args, train_iters, writer, partial(print_rank_last, parallel))
-    consecutive_bad = 0
-    while iteration < train_iters:
-        calculator.update(args.consumed_train_samples)
-        num_micro = calculator.num_micro_batches
+    while run.iteration < train_iters:
+        calculator.update(run.consumed_train_samples)
         global_batch = calculator.current_global_batch_size
-        losses, update_successful, grad_norm = train_step(
-            forward_step, train_iter, model, optimizer, num_micro, args, parallel
-        )
-        iteration += 1
-        args.consumed_train_samples += global_batch
-        if update_successful:
-            scheduler.step(increment=global_batch)
-        summary["losses"].append(losses)
         flops = hardware_flops(
-            global_batch, args.seq_length, args.num_layers, args.hidden_size, args.padded_vocab_size,
+            global_batch, args.seq_length, args.num_layers, args.hidden_size, run.padded_vocab_size,
             args.recompute_granularity,
         )  # fmt: skip
-        logger.record(
-            iteration, losses, update_successful, grad_norm, global_batch, scheduler.get_lr(),
-            optimizer.loss_scale, flops,
-        )  # fmt: skip
+        losses = train_iteration(forward_step, train_iter, model, optimizer, scheduler, global_batch, args,
+                                 parallel, run, logger, flops)  # fmt: skip
+        summary["losses"].append(losses)
         summary["skipped_iterations"] = logger.skipped
+        iteration = run.iteration
 
-        # fp16 skips steps on overflow by design; otherwise a skipped step means NaN/inf gradients.
-        bad = any(not math.isfinite(v) for v in losses.values()) or (not update_successful and not args.fp16)
-        consecutive_bad = consecutive_bad + 1 if bad else 0
-        if consecutive_bad >= args.max_nan_iterations:
-            raise TrainingError(
-                f"{consecutive_bad} consecutive iterations (up to {iteration}) had NaN/inf losses or gradients; "
-                "stopping without saving. The last checkpoint in --save is intact: lower --lr, check the data, "
-                "or raise --max-nan-iterations."
-            )
-
-        if args.save_interval and iteration % args.save_interval == 0:
-            save(iteration)
+        saved = bool(args.save_interval and iteration % args.save_interval == 0)
+        if saved:
+            save()
         if args.eval_interval and iteration % args.eval_interval == 0 and iteration < train_iters:
             evaluate_and_print(
                 f"validation loss at iteration {iteration}",
-                forward_step, valid_iter, model, num_micro, args, parallel, writer, iteration,
+                forward_step, valid_iter, model, calculator.num_micro_batches, args, parallel, writer, run,
             )  # fmt: skip
-        timed_out = args.exit_duration_in_mins is not None and _any_rank(
+        timed_out = args.exit_duration_in_mins is not None and any_rank(
             (time.time() - start_time) / 60.0 > args.exit_duration_in_mins
         )
         if timed_out or (args.exit_interval and iteration % args.exit_interval == 0):
-            if not (args.save_interval and iteration % args.save_interval == 0):
-                save(iteration)
+            if not saved:
+                save()
             print_rank_0(parallel, f"exiting program at iteration {iteration}")
-            return iteration
-    if args.save and not (args.save_interval and iteration % args.save_interval == 0):
-        save(iteration)
-    return iteration
+            return
+    if not (args.save_interval and run.iteration % args.save_interval == 0):
+        save()

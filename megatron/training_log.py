@@ -114,6 +114,7 @@ class IntervalLogger:
         self.tty = sys.stdout.isatty()
         self.skipped = 0
         self.nans = 0
+        self.consecutive_bad = 0  # iterations in a row with a NaN/inf loss or gradient
         self._reset()
 
     def _reset(self) -> None:
@@ -125,6 +126,7 @@ class IntervalLogger:
     def record(
         self,
         iteration: int,
+        consumed_samples: int,
         losses: dict[str, float],
         update_successful: bool,
         grad_norm: Optional[float],
@@ -135,8 +137,12 @@ class IntervalLogger:
     ) -> None:
         """Account for one finished iteration; log when an interval is complete."""
         args = self.args
+        loss_is_bad = not all(math.isfinite(v) for v in losses.values())
         self.skipped += 0 if update_successful else 1
-        self.nans += 0 if all(math.isfinite(v) for v in losses.values()) else 1
+        self.nans += int(loss_is_bad)
+        # fp16 skips steps on overflow by design; otherwise a skipped step means NaN/inf gradients.
+        bad = loss_is_bad or not (update_successful or args.fp16)
+        self.consecutive_bad = self.consecutive_bad + 1 if bad else 0
         for name, value in losses.items():
             if math.isfinite(value):
                 self.losses[name] = self.losses.get(name, 0.0) + value
@@ -157,7 +163,7 @@ class IntervalLogger:
         tflops = self.flops / elapsed / args.world_size / 1e12
         average = {name: total / self.count for name, total in self.losses.items()}
         line = format_train_line(
-            iteration, self.train_iters, args.consumed_train_samples, per_iter * 1000.0, tflops, learning_rate,
+            iteration, self.train_iters, consumed_samples, per_iter * 1000.0, tflops, learning_rate,
             global_batch, average, loss_scale, grad_norm, self.skipped, self.nans,
         )  # fmt: skip
         self.print(line)

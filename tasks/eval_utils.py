@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from megatron.parallel.collectives import reduce_scalars
 from megatron.parallel.state import ParallelState
 from tasks.data_utils import shard_range
 
@@ -35,9 +35,7 @@ def sum_over_dataset(
     for start in range(0, len(indices), batch_size):
         batch = collate([dataset[i] for i in indices[start : start + batch_size]])
         total += batch_fn(model, batch).double().cpu()
-    if parallel.dp_group is not None:
-        dist.all_reduce(total, group=parallel.dp_group)
-    return float(total)
+    return reduce_scalars([float(total)], parallel.dp_group)[0]
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,12 +43,13 @@ from megatron.lr_scheduler import OptimizerParamScheduler
 from megatron.model.utils import hardware_flops
 from megatron.optimizer import MegatronOptimizer
 from megatron.parallel.state import ParallelState, print_rank_0
-from megatron.training import TrainingError, setup_model_and_optimizer, train_step
-from megatron.training_log import format_train_line
+from megatron.run_state import RunState
+from megatron.training import is_last_rank, setup_model_and_optimizer, train_iteration
+from megatron.training_log import IntervalLogger, ScalarWriter
 from tasks.data_utils import TaskError
 from tasks.eval_utils import model_device, sum_over_dataset
 
-ModelProvider = Callable[[argparse.Namespace, ParallelState], nn.Module]
+ModelProvider = Callable[[argparse.Namespace, ParallelState, RunState], nn.Module]
 
 
 @dataclass
@@ -206,13 +206,13 @@ def _report_accuracy(
     return results
 
 
-def finetune(args: argparse.Namespace, parallel: ParallelState, task: FinetuneTask) -> dict:
-    """Fine-tune and/or evaluate (module docstring). Returns {"iteration", "losses": [per iteration],
+def finetune(args: argparse.Namespace, parallel: ParallelState, task: FinetuneTask, run: RunState) -> dict:
+    """Fine-tune and/or evaluate (module docstring); `run` counts the iterations. Returns {"iteration", "losses": [per iteration],
     "accuracy": [{valid path: (correct, total)} per evaluation]} for scripts and tests."""
     valid_sets = [task.build_dataset(path) for path in args.valid_data or []]
     summary: dict = {"iteration": 0, "losses": [], "accuracy": []}
     if args.epochs == 0:
-        model = _model_for_evaluation(args, parallel, task)
+        model = _model_for_evaluation(args, parallel, task, run)
         summary["accuracy"].append(_report_accuracy(model, valid_sets, args, parallel, epoch=0))
         return summary
 
@@ -223,19 +223,30 @@ def finetune(args: argparse.Namespace, parallel: ParallelState, task: FinetuneTa
         f"> {task.name}: {len(train_set)} training samples, {iters_per_epoch} iterations per epoch of "
         f"{args.global_batch_size}, {args.epochs} epochs",
     )
-    model, optimizer, scheduler = setup_model_and_optimizer(task.model_provider, args, parallel)
-    iteration = 0
+    model, optimizer, scheduler = setup_model_and_optimizer(task.model_provider, args, parallel, run)
     if args.load:
         iteration, _ = load_checkpoint(
             model.module, optimizer, scheduler, args.load, parallel,
             no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng, finetune=args.finetune,
         )  # fmt: skip
-    if iteration == 0 and args.pretrained_checkpoint:
+        run.iteration, run.consumed_train_samples = iteration, iteration * args.global_batch_size
+    if run.iteration == 0 and args.pretrained_checkpoint:
         load_pretrained(model.module, args.pretrained_checkpoint, parallel)
         optimizer.reload_model_params()  # the fp32 main copies of a bf16/fp16 model follow the new weights
-    summary["iteration"] = iteration
-    _train(model, optimizer, scheduler, train_set, valid_sets, iteration, iters_per_epoch, args, parallel, task,
-           summary)  # fmt: skip
+    summary["iteration"] = run.iteration
+    _train(
+        model,
+        optimizer,
+        scheduler,
+        train_set,
+        valid_sets,
+        iters_per_epoch,
+        args,
+        parallel,
+        run,
+        task,
+        summary,
+    )
     return summary
 
 
@@ -245,69 +256,47 @@ def _train(
     scheduler: OptimizerParamScheduler,
     train_set: Dataset,
     valid_sets: list[Dataset],
-    iteration: int,
     iters_per_epoch: int,
     args: argparse.Namespace,
     parallel: ParallelState,
+    run: RunState,
     task: FinetuneTask,
     summary: dict,
 ) -> None:
-    """Iterations `iteration` .. --train-iters (module docstring, items 4 and 5); fills `summary`."""
+    """Iterations `run.iteration` .. --train-iters (module docstring, items 4 and 5); fills `summary`."""
 
-    def save(it: int) -> None:
+    def save() -> None:
         if args.save:
-            args.consumed_train_samples = it * args.global_batch_size
-            save_checkpoint(it, model.module, optimizer, scheduler, args, parallel, args.save)
+            save_checkpoint(run.iteration, model.module, optimizer, scheduler, run.checkpoint_args(args),
+                            parallel, args.save)  # fmt: skip
 
-    data = train_batches(train_set, args, parallel, iteration)
-    num_micro_batches = args.global_batch_size // (args.micro_batch_size * parallel.dp_size)
+    data = train_batches(train_set, args, parallel, run.iteration)
     flops = hardware_flops(args.global_batch_size * task.sequences_per_sample, args.seq_length, args.num_layers,
                            args.hidden_size, 0, args.recompute_granularity)  # fmt: skip
+    writer = ScalarWriter(args, is_last_rank())
+    logger = IntervalLogger(args, args.train_iters, writer, partial(print_rank_0, parallel))
     model.train()
-    interval_start, interval_iters = time.time(), 0
-    consecutive_bad = skipped = nans = 0
-    while iteration < args.train_iters:
-        losses, update_successful, grad_norm = train_step(
-            forward_step, data, model, optimizer, num_micro_batches, args, parallel
-        )
-        iteration += 1
-        summary["iteration"] = iteration
+    while run.iteration < args.train_iters:
+        losses = train_iteration(forward_step, data, model, optimizer, scheduler, args.global_batch_size, args,
+                                 parallel, run, logger, flops)  # fmt: skip
+        summary["iteration"] = run.iteration
         summary["losses"].append(losses)
-        if update_successful:
-            scheduler.step(increment=args.global_batch_size)
-        loss_is_bad = not all(math.isfinite(v) for v in losses.values())
-        skipped += int(not update_successful)
-        nans += int(loss_is_bad)
-        consecutive_bad = consecutive_bad + 1 if loss_is_bad or not (update_successful or args.fp16) else 0
-        if consecutive_bad >= args.max_nan_iterations:
-            raise TrainingError(
-                f"{consecutive_bad} consecutive iterations up to {iteration} had NaN/inf losses"
-            )
-
-        interval_iters += 1
-        if iteration % args.log_interval == 0:
-            seconds = (time.time() - interval_start) / interval_iters
-            line = format_train_line(
-                iteration, args.train_iters, iteration * args.global_batch_size, seconds * 1000.0,
-                flops / seconds / args.world_size / 1e12, scheduler.get_lr(), args.global_batch_size, losses,
-                optimizer.loss_scale, grad_norm, skipped, nans,
-            )  # fmt: skip
-            print_rank_0(parallel, line)
-            interval_start, interval_iters = time.time(), 0
-
-        if iteration % iters_per_epoch == 0:
-            epoch = iteration // iters_per_epoch
+        if run.iteration % iters_per_epoch == 0:
+            epoch = run.iteration // iters_per_epoch
             summary["accuracy"].append(_report_accuracy(model, valid_sets, args, parallel, epoch))
-            save(iteration)
-        elif args.save_interval and iteration % args.save_interval == 0:
-            save(iteration)
+            save()
+        elif args.save_interval and run.iteration % args.save_interval == 0:
+            save()
+    writer.close()
 
 
-def _model_for_evaluation(args: argparse.Namespace, parallel: ParallelState, task: FinetuneTask) -> nn.Module:
+def _model_for_evaluation(
+    args: argparse.Namespace, parallel: ParallelState, task: FinetuneTask, run: RunState
+) -> nn.Module:
     """The task model with the weights of --load (a fine-tuned checkpoint) or --pretrained-checkpoint."""
     if not (args.load or args.pretrained_checkpoint):
         raise TaskError("--epochs 0 evaluates a trained model: give --load or --pretrained-checkpoint")
-    model = task.model_provider(args, parallel).to(dtype=args.params_dtype)
+    model = task.model_provider(args, parallel, run).to(dtype=args.params_dtype)
     if torch.cuda.is_available():
         model = model.cuda()
     if args.load:

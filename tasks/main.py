@@ -37,7 +37,6 @@ from megatron.tokenizer import (  # noqa: E402
     AbstractTokenizer,
     TokenizerConfigError,
     build_tokenizer,
-    vocab_size_with_padding,
 )
 from megatron.training import TrainingError  # noqa: E402
 from tasks.data_utils import TaskError  # noqa: E402
@@ -131,9 +130,6 @@ def run_task(args: argparse.Namespace) -> dict:
     """Initialise the process groups, build the tokenizer and run the task; returns its results."""
     parallel = initialize_megatron(args)
     tokenizer = build_tokenizer(args)
-    args.padded_vocab_size = vocab_size_with_padding(
-        tokenizer.vocab_size, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
-    )
     if args.task in ZERO_SHOT_TASKS:
         from tasks.zeroshot_gpt import evaluate
 

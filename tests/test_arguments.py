@@ -181,6 +181,21 @@ def test_cli_error_has_no_traceback():
     assert "Traceback" not in proc.stderr
 
 
+def test_cli_error_is_one_line_and_a_pointer_to_help():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "pretrain_gpt.py"), *BASE, "--no-such-flag"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert lines == [
+        "pretrain_gpt.py: error: unrecognized arguments: --no-such-flag",
+        "(see pretrain_gpt.py --help)",
+    ]
+
+
 def test_help_is_grouped():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "pretrain_gpt.py"), "--help"], capture_output=True, text=True, cwd=ROOT

@@ -112,6 +112,75 @@ def test_resume_is_exact_at_tp2_dp2_with_dropout(tmp_path):
         assert resumed == straight
 
 
+def _tree(path: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `path` with its size and modification time (ns)."""
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*")}
+
+
+@pytest.mark.parametrize(
+    "length", [["--train-iters", 4], ["--train-samples", 8, "--lr-warmup-iters", 0, "--lr-warmup-samples", 2]]
+)
+def test_relaunch_of_finished_run_exits_cleanly_and_rewrites_nothing(tmp_path, capsys, length):
+    """A requeued job whose checkpoint is at --train-iters (or --train-samples): one line, exit 0, no writes."""
+    ckpt = tmp_path / "ckpt"
+    argv = [*TINY, *MOCK, *length, "--global-batch-size", 2, "--save", ckpt, "--load", ckpt,
+            "--tensorboard-dir", tmp_path / "tb"]  # fmt: skip
+    assert _train(pretrain_gpt, argv)["iteration"] == 4
+    before = _tree(ckpt)
+    capsys.readouterr()
+    summary = _train(pretrain_gpt, argv)
+    out = capsys.readouterr().out
+    assert summary["iteration"] == 4 and summary["losses"] == []
+    assert "training is complete at iteration 4" in out
+    assert "validation loss" not in out and "saving checkpoint" not in out
+    assert _tree(ckpt) == before
+
+
+def test_relaunch_of_finished_run_evaluates_when_asked(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    argv = [*TINY, *MOCK, "--train-iters", 3, "--save", ckpt, "--load", ckpt]
+    _train(pretrain_gpt, argv)
+    before = _tree(ckpt)
+    capsys.readouterr()
+    summary = _train(pretrain_gpt, [*argv, "--skip-train"])
+    out = capsys.readouterr().out
+    assert "training is complete at iteration 3" in out and "validation loss at the end of training" in out
+    assert math.isfinite(summary["valid"]["lm loss"]) and math.isfinite(summary["test"]["lm loss"])
+    assert _tree(ckpt) == before
+
+
+def test_training_leaves_args_unchanged_and_checkpoints_megatron_keys(tmp_path):
+    """Run state lives in RunState; the checkpoint's args still carry it under Megatron's names."""
+    import copy
+
+    import torch
+
+    from megatron.arguments import parse_args
+    from megatron.training import _pretrain
+
+    argv = [
+        *TINY,
+        *MOCK,
+        "--train-iters",
+        3,
+        "--global-batch-size",
+        4,
+        "--eval-interval",
+        2,
+        "--save",
+        tmp_path,
+    ]
+    args = parse_args([str(a) for a in argv])
+    before = copy.deepcopy(vars(args))
+    _pretrain(pretrain_gpt.train_valid_test_datasets_provider, pretrain_gpt.model_provider,
+              pretrain_gpt.forward_step, args)  # fmt: skip
+    assert vars(args) == before
+    saved = torch.load(tmp_path / "iter_0000003/mp_rank_00/model_optim_rng.pt", weights_only=False)["args"]
+    assert (saved.consumed_train_samples, saved.consumed_valid_samples) == (12, 4)  # one evaluation at 2
+    # NullTokenizer(200): ids 0..199 and the end-of-document id 200, padded to a multiple of 128
+    assert saved.padded_vocab_size == 256 and saved.eod_token == 200 and saved.num_layers == 2
+
+
 def test_load_of_empty_directory_starts_fresh(tmp_path):
     summary = _train(pretrain_gpt, [*TINY, *MOCK, "--train-iters", 3, "--load", tmp_path / "empty"])
     assert summary["iteration"] == 3

@@ -22,9 +22,9 @@ multiplied by coeff, so the clipped norm is max_norm (up to the 1e-6).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from megatron.parallel.collectives import all_reduce
 from megatron.parallel.state import ParallelState
 
 
@@ -46,10 +46,8 @@ def grad_norm_and_found_inf(
         # Where selects the counted squares without multiplying a nan/inf by 0 (which would give nan).
         stats[0] = torch.where(counted, norms.square(), torch.zeros_like(norms)).sum()
         stats[1] = (~torch.isfinite(norms)).sum()
-    if parallel.mp_group is not None:
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=parallel.mp_group)
-    elif parallel.tp_size > 1:  # a ParallelState built by hand, without the model-parallel group
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=parallel.tp_group)
+    # The model-parallel group (TP x PP); a ParallelState built by hand without it reduces over TP only.
+    all_reduce(stats, parallel.mp_group if parallel.mp_group is not None else parallel.tp_group)
     sum_of_squares, num_nonfinite = stats.tolist()
     return sum_of_squares**0.5, num_nonfinite > 0
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron.parallel.mappings import group_size
+from megatron.parallel.collectives import all_reduce, group_size
 
 
 def vocab_range_from_global_vocab_size(global_vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -36,12 +36,6 @@ def vocab_range_from_global_vocab_size(global_vocab_size: int, rank: int, world_
     return rank * per_partition, (rank + 1) * per_partition
 
 
-def _all_reduce(x: Tensor, group: Optional[dist.ProcessGroup], op: dist.ReduceOp) -> None:
-    """In-place all-reduce over the group; nothing to do for a single rank."""
-    if group_size(group) > 1:
-        dist.all_reduce(x, op=op, group=group)
-
-
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
@@ -51,18 +45,18 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
         # Shift by the global max for a stable exp; `shifted` is a fresh fp32 tensor we may modify.
         logits_max = logits.float().amax(dim=-1)
-        _all_reduce(logits_max, group, dist.ReduceOp.MAX)
+        all_reduce(logits_max, group, dist.ReduceOp.MAX)
         shifted = logits.float() - logits_max.unsqueeze(-1)
 
         # Target logit: read locally where the target lies in our range, 0 elsewhere, then summed over ranks.
         not_local = (target < start) | (target >= end)
         local_target = (target - start).masked_fill(not_local, 0)
         target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(not_local, 0.0)
-        _all_reduce(target_logit, group, dist.ReduceOp.SUM)
+        all_reduce(target_logit, group, dist.ReduceOp.SUM)
 
         exp_logits = shifted.exp_()
         sum_exp = exp_logits.sum(dim=-1)
-        _all_reduce(sum_exp, group, dist.ReduceOp.SUM)
+        all_reduce(sum_exp, group, dist.ReduceOp.SUM)
         loss = torch.log(sum_exp) - target_logit
 
         softmax = exp_logits.div_(sum_exp.unsqueeze(-1))

@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron.parallel.collectives import all_reduce, group_size
+
 
 @dataclass
 class AllReduceCounter:
@@ -57,23 +59,14 @@ def count_all_reduces() -> Iterator[AllReduceCounter]:
         ALLREDUCE_COUNTER.enabled = previously_enabled
 
 
-def group_size(group: Optional[dist.ProcessGroup]) -> int:
-    """Number of ranks in `group`; 1 for None (no communication)."""
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def _all_reduce(x: Tensor, group: Optional[dist.ProcessGroup], in_backward: bool) -> Tensor:
+def _summed_copy(x: Tensor, group: Optional[dist.ProcessGroup], in_backward: bool) -> Tensor:
     """Sum of x over the group, in a new tensor (x itself is left untouched)."""
-    if group_size(group) == 1:
-        return x
     if ALLREDUCE_COUNTER.enabled:
         if in_backward:
             ALLREDUCE_COUNTER.backward += 1
         else:
             ALLREDUCE_COUNTER.forward += 1
-    out = x.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(out, group=group)
-    return out
+    return all_reduce(x.clone(memory_format=torch.contiguous_format), group)
 
 
 def _split_last_dim(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
@@ -109,7 +102,7 @@ class _CopyToRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _all_reduce(grad, ctx.group, in_backward=True), None
+        return _summed_copy(grad, ctx.group, in_backward=True), None
 
 
 class _ReduceFromRegion(torch.autograd.Function):
@@ -117,7 +110,7 @@ class _ReduceFromRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
-        return _all_reduce(x, group, in_backward=False)
+        return _summed_copy(x, group, in_backward=False)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:

@@ -18,14 +18,19 @@ from torch import nn
 
 from megatron.arguments import transformer_config_from_args
 from megatron.parallel.state import ParallelState, print_rank_0
+from megatron.run_state import RunState
 from megatron.tokenizer import AbstractTokenizer
 from tasks.classification import Classification
 from tasks.finetune_utils import FinetuneTask, finetune
 from tasks.glue.data import GLUE_TASKS, GlueDataset, GlueTask
 
 
-def model_provider(glue: GlueTask, args: argparse.Namespace, parallel: ParallelState) -> nn.Module:
-    return Classification(transformer_config_from_args(args), parallel, glue.num_classes)
+def model_provider(
+    glue: GlueTask, args: argparse.Namespace, parallel: ParallelState, run: RunState
+) -> nn.Module:
+    return Classification(
+        transformer_config_from_args(args, run.padded_vocab_size), parallel, glue.num_classes
+    )
 
 
 def main(args: argparse.Namespace, parallel: ParallelState, tokenizer: AbstractTokenizer) -> dict:
@@ -43,4 +48,4 @@ def main(args: argparse.Namespace, parallel: ParallelState, tokenizer: AbstractT
         build_dataset=build_dataset,
         model_provider=partial(model_provider, glue),
     )
-    return finetune(args, parallel, task)
+    return finetune(args, parallel, task, RunState.from_tokenizer(tokenizer, args))

@@ -17,14 +17,15 @@ from torch import nn
 
 from megatron.arguments import transformer_config_from_args
 from megatron.parallel.state import ParallelState
+from megatron.run_state import RunState
 from megatron.tokenizer import AbstractTokenizer
 from tasks.classification import MultipleChoice
 from tasks.finetune_utils import FinetuneTask, finetune
 from tasks.race.data import NUM_CHOICES, RaceDataset
 
 
-def model_provider(args: argparse.Namespace, parallel: ParallelState) -> nn.Module:
-    return MultipleChoice(transformer_config_from_args(args), parallel)
+def model_provider(args: argparse.Namespace, parallel: ParallelState, run: RunState) -> nn.Module:
+    return MultipleChoice(transformer_config_from_args(args, run.padded_vocab_size), parallel)
 
 
 def main(args: argparse.Namespace, parallel: ParallelState, tokenizer: AbstractTokenizer) -> dict:
@@ -34,4 +35,4 @@ def main(args: argparse.Namespace, parallel: ParallelState, tokenizer: AbstractT
         model_provider=model_provider,
         sequences_per_sample=NUM_CHOICES,
     )
-    return finetune(args, parallel, task)
+    return finetune(args, parallel, task, RunState.from_tokenizer(tokenizer, args))

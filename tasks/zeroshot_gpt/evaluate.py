@@ -33,6 +33,7 @@ from megatron.arguments import transformer_config_from_args
 from megatron.checkpointing import CheckpointError, load_checkpoint, read_metadata
 from megatron.model import GPTModel
 from megatron.parallel.state import ParallelState, print_rank_0
+from megatron.run_state import padded_vocab_size
 from megatron.tokenizer import AbstractTokenizer
 from tasks.eval_utils import model_device, sum_over_dataset
 from tasks.zeroshot_gpt.datasets import LambadaDataset, build_wikitext_data
@@ -76,11 +77,11 @@ def batch_num_correct(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return right.all(dim=1).sum()
 
 
-def build_model(args: argparse.Namespace, parallel: ParallelState) -> GPTModel:
+def build_model(args: argparse.Namespace, parallel: ParallelState, padded_vocab_size: int) -> GPTModel:
     """The GPT model of the flags with the weights of --load (required by tasks/main.py), in eval mode."""
     if read_metadata(args.load) is None:
         raise CheckpointError(f"--load {args.load}: no checkpoint there (latest_checkpointed_iteration.txt)")
-    model = GPTModel(transformer_config_from_args(args), parallel, parallel_output=False)
+    model = GPTModel(transformer_config_from_args(args, padded_vocab_size), parallel, parallel_output=False)
     model = model.to(dtype=args.params_dtype)
     if torch.cuda.is_available():
         model = model.cuda()
@@ -140,7 +141,7 @@ def evaluate_lambada(
 
 def main(args: argparse.Namespace, parallel: ParallelState, tokenizer: AbstractTokenizer) -> dict[str, float]:
     """Run --task WIKITEXT103 or LAMBADA on --valid-data with the model in --load."""
-    model = build_model(args, parallel)
+    model = build_model(args, parallel, padded_vocab_size(tokenizer, args))
     if args.task == "WIKITEXT103":
         return evaluate_wikitext(args, parallel, tokenizer, model)
     return evaluate_lambada(args, parallel, tokenizer, model)
