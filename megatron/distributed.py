@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from megatron.parallel.collectives import all_reduce
 from megatron.parallel.state import ParallelState
 
 
@@ -181,8 +182,6 @@ def all_reduce_embedding_grads(module: nn.Module, parallel: ParallelState) -> No
     one SUM all-reduce over the embedding group, after the data-parallel reduction. Both copies then get
     the gradient of the one shared weight and the same optimizer update. A no-op without pipelining.
     """
-    if parallel.embedding_group is None:
-        return
     for param in module.parameters():
         if getattr(param, "pipeline_tied", False):
-            dist.all_reduce(param.main_grad, op=dist.ReduceOp.SUM, group=parallel.embedding_group)
+            all_reduce(param.main_grad, parallel.embedding_group)
