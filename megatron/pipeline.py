@@ -58,24 +58,24 @@ def model_chunks(module: nn.Module) -> list[nn.Module]:
 
 
 def schedule_config(
-    args: argparse.Namespace, num_microbatches: int, forward_only: bool, **hooks: Callable
+    args: argparse.Namespace,
+    parallel: ParallelState,
+    num_microbatches: int,
+    forward_only: bool,
+    **hooks: Callable,
 ) -> ScheduleConfig:
-    """Sizes of one global batch: the activations passed between stages are [micro batch, sequence,
-    hidden] in the parameter dtype (fp32 with --fp32-residual-connection)."""
+    """Sizes of one global batch. Under pipelining the activations passed between stages are [micro batch,
+    sequence, hidden] in the parameter dtype (fp32 with --fp32-residual-connection)."""
+    if parallel.pp_size == 1:
+        return ScheduleConfig(num_microbatches, forward_only=forward_only, **hooks)
     dtype = torch.float32 if args.fp32_residual_connection else args.params_dtype
     device = (
         torch.device("cuda", torch.cuda.current_device())
         if torch.cuda.is_available()
         else torch.device("cpu")
     )
-    return ScheduleConfig(
-        num_microbatches,
-        (args.micro_batch_size, args.seq_length, args.hidden_size),
-        dtype,
-        forward_only,
-        device=device,
-        **hooks,
-    )
+    shape = (args.micro_batch_size, args.seq_length, args.hidden_size)
+    return ScheduleConfig(num_microbatches, shape, dtype, forward_only, device=device, **hooks)
 
 
 def forward_backward(
@@ -91,7 +91,9 @@ def forward_backward(
     all-reduce and the tied-embedding all-reduce: main_grad is ready for the optimizer. `model` is the
     DistributedDataParallel wrapper. Returns the logged values of each microbatch (last stage only)."""
     chunks = model_chunks(model.module)
-    config = schedule_config(args, num_microbatches, False, scale_loss=scale_loss, no_sync=model.no_sync)
+    config = schedule_config(
+        args, parallel, num_microbatches, False, scale_loss=scale_loss, no_sync=model.no_sync
+    )
     schedule = get_forward_backward_func(parallel, len(chunks))
     stats = schedule(
         lambda it, m: forward_step(it, m, args, parallel), data_iterator, chunks, config, parallel
@@ -112,7 +114,7 @@ def forward_only(
     """Forward of one global batch through the schedule (evaluation); logged values on the last stage."""
     module = model.module if hasattr(model, "module") else model
     chunks = model_chunks(module)
-    config = schedule_config(args, num_microbatches, True)
+    config = schedule_config(args, parallel, num_microbatches, True)
     schedule = get_forward_backward_func(parallel, len(chunks))
     return schedule(
         lambda it, m: forward_step(it, m, args, parallel), data_iterator, chunks, config, parallel
