@@ -227,3 +227,15 @@ def test_only_mmap_datasets(capsys):
 def test_nccl_without_gpu_is_named(capsys):
     message = _error(capsys, BASE + ["--distributed-backend", "nccl"], world_size=2)
     assert "--distributed-backend nccl needs CUDA GPUs" in message
+
+
+def test_pipeline_flags_derive_the_virtual_size():
+    from megatron.parallel.pipeline_layout import virtual_pipeline_size
+
+    flags = ["--num-layers", "8", "--pipeline-model-parallel-size", "2", "--global-batch-size", "4"]
+    args = parse_args(BASE + flags + ["--num-layers-per-virtual-pipeline-stage", "2"], world_size=2)
+    assert args.virtual_pipeline_model_parallel_size == 2 and virtual_pipeline_size(args) == 2
+    args = parse_args(BASE + flags + ["--virtual-pipeline-model-parallel-size", "4"], world_size=2)
+    assert args.virtual_pipeline_model_parallel_size == 4 and virtual_pipeline_size(args) == 4
+    args = parse_args(BASE + flags, world_size=2)
+    assert args.virtual_pipeline_model_parallel_size is None and virtual_pipeline_size(args) == 1

@@ -112,14 +112,10 @@ def stage_layouts(
 
 def virtual_pipeline_size(args: argparse.Namespace) -> int:
     """v from --virtual-pipeline-model-parallel-size or --num-layers-per-virtual-pipeline-stage N
-    (v = L / (p N), Megatron's classic flag); 1 without either."""
+    (v = L / (p N), Megatron's classic flag; both may be given if they agree); 1 without either."""
     vp = getattr(args, "virtual_pipeline_model_parallel_size", None)
     per_stage = getattr(args, "num_layers_per_virtual_pipeline_stage", None)
     if per_stage is not None:
-        if vp is not None:
-            raise ValueError(
-                "give --virtual-pipeline-model-parallel-size or --num-layers-per-virtual-pipeline-stage, not both"
-            )
         layers_per_pp_stage = args.num_layers // args.pipeline_model_parallel_size
         if (
             per_stage < 1
@@ -130,6 +126,11 @@ def virtual_pipeline_size(args: argparse.Namespace) -> int:
                 f"--num-layers {args.num_layers} / --pipeline-model-parallel-size "
                 f"{args.pipeline_model_parallel_size} is not a multiple of --num-layers-per-virtual-pipeline-stage "
                 f"{per_stage}"
+            )
+        if vp is not None and vp != layers_per_pp_stage // per_stage:
+            raise ValueError(
+                f"--virtual-pipeline-model-parallel-size {vp} disagrees with --num-layers-per-virtual-pipeline-stage "
+                f"{per_stage} ({layers_per_pp_stage // per_stage} virtual stages); give one of them"
             )
         return layers_per_pp_stage // per_stage
     if vp is not None and vp < 1:
