@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import pretrain_gpt
 from megatron.checkpoint_format import from_megatron_state_dict, get_checkpoint_name
 from tests.distributed_utils import run_distributed
-from tools.checkpoint import export_hf, reshard
+from tools.checkpoint import export_hf, import_hf_gpt2, reshard
 from tools.checkpoint.checkpoint_io import load_checkpoint_shards
 
 BASE = (
@@ -121,8 +121,9 @@ def test_reshard_tp2_pp2_to_tp1_pp1_to_pp4_continues_identically(tmp_path):
 
 
 def test_export_hf_of_a_pp_checkpoint_and_refused_optimizer_reshard(tmp_path):
-    """export_hf reads a PP checkpoint: the same Hugging Face weights as from its PP 1 reshard; resharding
-    the optimizer across stages is refused before anything is written."""
+    """export_hf reads a PP checkpoint: the same Hugging Face weights as from its PP 1 reshard, and
+    import_hf_gpt2 writes them back as PP 2 stages; resharding the optimizer across stages is refused
+    before anything is written."""
     run_distributed(
         _train,
         2,
@@ -145,6 +146,11 @@ def test_export_hf_of_a_pp_checkpoint_and_refused_optimizer_reshard(tmp_path):
         load_file(tmp_path / "hf_pp1" / "model.safetensors"),
     )
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    import_hf_gpt2.main(["--hf-dir", str(tmp_path / "hf_pp2"), "--save", str(tmp_path / "back"),
+                         "--pipeline-model-parallel-size", "2", "--make-vocab-size-divisible-by", "2"])  # fmt: skip
+    assert (tmp_path / "back" / "release" / "mp_rank_00_001").is_dir()
+    original, back = _whole(tmp_path / "pp1"), _whole(tmp_path / "back")
+    assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
     with pytest.raises(SystemExit) as info:
         reshard.main(["--load", str(tmp_path / "pp2"), "--save", str(tmp_path / "x"), "--target-tensor-model-parallel-size", "1",
                       "--keep-optimizer"])  # fmt: skip

@@ -73,13 +73,18 @@ def merge_stages(
     return whole
 
 
-def split_stages(whole: dict[str, Tensor], num_layers: int, pp_size: int) -> list[dict[str, Tensor]]:
+def split_stages(
+    whole: dict[str, Tensor],
+    num_layers: int,
+    pp_size: int,
+    flag: str = "--target-pipeline-model-parallel-size",
+) -> list[dict[str, Tensor]]:
     """The flat model of each of `pp_size` even stages (local layer numbers; the last stage gets the head
-    copy of the tied embedding when it is not also the first)."""
+    copy of the tied embedding when it is not also the first). `flag` names pp_size in errors."""
     try:
         layouts = [chunks[0] for chunks in stage_layouts(num_layers, pp_size)]
     except ValueError as e:
-        raise ValueError(f"--target-pipeline-model-parallel-size {pp_size}: {e}") from None
+        raise ValueError(f"{flag} {pp_size}: {e}") from None
     stages: list[dict[str, Tensor]] = [{} for _ in layouts]
     for name, tensor in whole.items():
         match = _LAYER_KEY.match(name)
