@@ -1,9 +1,11 @@
 """Checkpoints under pipeline parallelism: Megatron's mp_rank_TT_PPP layout with stage-local layer numbers
 and word_embeddings_for_head, bitwise resume with dropout, resharding between TP x PP layouts (weights
-unchanged, training continues identically), and the Hugging Face export of a PP checkpoint."""
+unchanged, training continues identically), the Hugging Face export and import of PP checkpoints, and
+generation from a PP checkpoint."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from safetensors.torch import load_file
 
 import pretrain_gpt
 from megatron.checkpoint_format import from_megatron_state_dict, get_checkpoint_name
+from megatron.text_generation import add_inference_args, generate, inference_args, load_model_for_inference
 from tests.distributed_utils import run_distributed
 from tools.checkpoint import export_hf, import_hf_gpt2, reshard
 from tools.checkpoint.checkpoint_io import load_checkpoint_shards
@@ -120,9 +123,19 @@ def test_reshard_tp2_pp2_to_tp1_pp1_to_pp4_continues_identically(tmp_path):
     _reshard_and_continue(tmp_path, grid, 4, 4)
 
 
-def test_export_hf_of_a_pp_checkpoint_and_refused_optimizer_reshard(tmp_path):
+def _generate(rank: int, world_size: int, load: str) -> tuple[list, torch.Tensor]:
+    """Sampled continuations (seeded) and their log probabilities, through the generation tools' loader."""
+    parser = argparse.ArgumentParser()
+    add_inference_args(parser)
+    model, tokenizer, parallel = load_model_for_inference(inference_args(parser.parse_args(["--load", load])))
+    out = generate(model, [[5, 6, 7], [8, 9]], 6, parallel, vocab_size=tokenizer.vocab_size, seed=3,
+                   stop_on_eod=False, return_log_probs=True)  # fmt: skip
+    return out.tokens.tolist(), out.log_probs
+
+
+def test_export_import_generate_of_a_pp_checkpoint_and_refused_optimizer_reshard(tmp_path):
     """export_hf reads a PP checkpoint: the same Hugging Face weights as from its PP 1 reshard, and
-    import_hf_gpt2 writes them back as PP 2 stages; resharding the optimizer across stages is refused
+    import_hf_gpt2 writes them back as PP 2 stages; generation at PP 2 gives the tokens of PP 1; resharding the optimizer across stages is refused
     before anything is written."""
     run_distributed(
         _train,
@@ -151,6 +164,10 @@ def test_export_hf_of_a_pp_checkpoint_and_refused_optimizer_reshard(tmp_path):
     assert (tmp_path / "back" / "release" / "mp_rank_00_001").is_dir()
     original, back = _whole(tmp_path / "pp1"), _whole(tmp_path / "back")
     assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
+    pp1_out = _generate(0, 1, str(tmp_path / "pp1"))
+    for pp2_out in run_distributed(_generate, 2, args=(str(tmp_path / "pp2"),)):
+        assert pp2_out[0] == pp1_out[0]  # the same tokens
+        torch.testing.assert_close(pp2_out[1], pp1_out[1], rtol=1e-5, atol=1e-6)  # and log probabilities
     with pytest.raises(SystemExit) as info:
         reshard.main(["--load", str(tmp_path / "pp2"), "--save", str(tmp_path / "x"), "--target-tensor-model-parallel-size", "1",
                       "--keep-optimizer"])  # fmt: skip
