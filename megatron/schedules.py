@@ -242,6 +242,59 @@ def replay_iterators(source: Iterator, num_chunks: int) -> list[Iterator]:
     return [_ReplayIterator(source, cache, readers, c) for c in range(num_chunks)]
 
 
+class _Interleaved:
+    """The per-chunk queues of the interleaved schedule: inputs (received activations, None for the
+    embedding chunk), outputs awaiting their backward, and received output gradients; step k of the
+    forward (backward) sequence runs chunk `chunk_of(k)`, in groups of p microbatches per chunk."""
+
+    def __init__(self, stage: _Stage, num_chunks: int, parallel: ParallelState) -> None:
+        self.stage, self.v, self.p = stage, num_chunks, parallel.pp_size
+        self.first, self.last = parallel.is_pp_first, parallel.is_pp_last
+        self.inputs: list[list[Optional[Tensor]]] = [[] for _ in range(num_chunks)]
+        self.outputs: list[list[Tensor]] = [[] for _ in range(num_chunks)]
+        self.output_grads: list[list[Optional[Tensor]]] = [[] for _ in range(num_chunks)]
+
+    def chunk_of(self, k: int, forward: bool) -> int:
+        c = (k % (self.p * self.v)) // self.p
+        return c if forward else self.v - c - 1
+
+    def forward(self, k: int) -> Optional[Tensor]:
+        """Forward step k; returns the output to send on (None on the last chunk of the last stage)."""
+        c = self.chunk_of(k, True)
+        if self.first and c == 0:  # the embedding chunk reads its input from the data, not from a stage
+            self.inputs[0].append(None)
+        output = self.stage.forward(c, self.inputs[c][-1])
+        self.outputs[c].append(output)
+        return None if self.stage.is_post_process(c) else output
+
+    def backward(self, k: int) -> Optional[Tensor]:
+        """Backward step k; returns the input gradient to send back (None on the embedding chunk)."""
+        c = self.chunk_of(k, False)
+        if self.stage.is_post_process(c):
+            self.output_grads[c].append(None)
+        grad = self.stage.backward(self.inputs[c].pop(0), self.outputs[c].pop(0), self.output_grads[c].pop(0))
+        return None if (self.first and c == 0) else grad
+
+    def steady_receivers(self, fk: int, bk: int) -> tuple[bool, int, bool, int]:
+        """After forward step fk and backward step bk of the steady phase: (receive an activation, for
+        which chunk; receive a gradient, for which chunk). The first stage's chunk 0 reads data, and the
+        last stage's last chunk computes its own gradient, so those are never received."""
+        recv_prev, recv_next = True, True
+        if self.first:
+            next_forward = self.chunk_of(fk - (self.p - 1), True)
+            recv_prev = next_forward != self.v - 1
+            next_forward += 1
+        else:
+            next_forward = self.chunk_of(fk + 1, True)
+        if self.last:
+            next_backward = self.chunk_of(bk - (self.p - 1), False)
+            recv_next = next_backward != 0
+            next_backward -= 1
+        else:
+            next_backward = self.chunk_of(bk + 1, False)
+        return recv_prev, next_forward, recv_next, next_backward
+
+
 def forward_backward_pipelining_with_interleaving(
     forward_step: ForwardStep,
     data_iterator: Iterator,
@@ -249,7 +302,8 @@ def forward_backward_pipelining_with_interleaving(
     config: ScheduleConfig,
     parallel: ParallelState,
 ) -> LoggedStats:
-    """Interleaved 1F1B over v = len(chunks) virtual chunks (see the module docstring)."""
+    """Interleaved 1F1B over v = len(chunks) virtual chunks (see the module docstring): warm-up forwards,
+    a steady phase of one forward and one backward per step, then the remaining backwards."""
     v, p, m = len(chunks), parallel.pp_size, config.num_microbatches
     if m % p != 0:
         raise ValueError(
@@ -257,89 +311,51 @@ def forward_backward_pipelining_with_interleaving(
             f"--pipeline-model-parallel-size {p}"
         )
     stage = _Stage(forward_step, replay_iterators(data_iterator, v), chunks, config, parallel)
+    run = _Interleaved(stage, v, parallel)
     first, last, total = parallel.is_pp_first, parallel.is_pp_last, m * v
     all_warmup = config.forward_only or m == p
     num_warmup = total if all_warmup else min((p - parallel.pp_rank - 1) * 2 + (v - 1) * p, total)
 
-    def chunk_of(k: int, forward: bool) -> int:
-        """The chunk of the k-th forward (or backward) step: groups of p microbatches per chunk."""
-        c = (k % (p * v)) // p
-        return c if forward else v - c - 1
-
-    inputs: list[list[Optional[Tensor]]] = [[] for _ in range(v)]
-    outputs: list[list[Tensor]] = [[] for _ in range(v)]
-    output_grads: list[list[Optional[Tensor]]] = [[] for _ in range(v)]
-
-    def forward_k(k: int) -> tuple[int, Optional[Tensor]]:
-        c = chunk_of(k, True)
-        if first and c == 0:  # the embedding chunk reads its input from the data, not from a stage
-            inputs[0].append(None)
-        output = stage.forward(c, inputs[c][-1])
-        outputs[c].append(output)
-        return c, None if stage.is_post_process(c) else output
-
-    def backward_k(k: int) -> tuple[int, Optional[Tensor]]:
-        c = chunk_of(k, False)
-        if stage.is_post_process(c):
-            output_grads[c].append(None)
-        grad = stage.backward(inputs[c].pop(0), outputs[c].pop(0), output_grads[c].pop(0))
-        return c, None if (first and c == 0) else grad
-
     if not first:
-        inputs[0].append(stage.communicate(recv_prev=True)[0])
+        run.inputs[0].append(stage.communicate(recv_prev=True)[0])
     for k in range(num_warmup):
-        _, send = forward_k(k)
-        next_chunk = chunk_of(k + 1, True)
+        send = run.forward(k)
+        next_chunk = run.chunk_of(k + 1, True)
         recv_prev = not (first and next_chunk == 0) and k != total - 1
         recv_next = k == num_warmup - 1 and not all_warmup and not last
-        input_tensor, output_grad = stage.communicate(
-            send_next=send, recv_prev=recv_prev, recv_next=recv_next
-        )
+        received, grad = stage.communicate(send_next=send, recv_prev=recv_prev, recv_next=recv_next)
         if recv_next:
-            output_grads[v - 1].append(output_grad)
+            run.output_grads[v - 1].append(grad)
         if recv_prev:
-            inputs[next_chunk].append(input_tensor)
+            run.inputs[next_chunk].append(received)
         _free(send)
 
     steady = total - num_warmup
     for k in range(steady):
-        fk = k + num_warmup
-        _, send = forward_k(fk)
-        _, send_prev = backward_k(k)
-        recv_prev, recv_next = True, True
-        if first:
-            next_forward = chunk_of(fk - (p - 1), True)
-            recv_prev = next_forward != v - 1
-            next_forward += 1
-        else:
-            next_forward = chunk_of(fk + 1, True)
-        if last:
-            next_backward = chunk_of(k - (p - 1), False)
-            recv_next = next_backward != 0
-            next_backward -= 1
-        else:
-            next_backward = chunk_of(k + 1, False)
+        send = run.forward(k + num_warmup)
+        send_prev = run.backward(k)
+        recv_prev, next_forward, recv_next, next_backward = run.steady_receivers(k + num_warmup, k)
         recv_prev = recv_prev and k != steady - 1
-        input_tensor, output_grad = stage.communicate(
+        received, grad = stage.communicate(
             send_next=send, send_prev=send_prev, recv_prev=recv_prev, recv_next=recv_next
         )
         if recv_prev:
-            inputs[next_forward].append(input_tensor)
+            run.inputs[next_forward].append(received)
         if recv_next:
-            output_grads[next_backward].append(output_grad)
+            run.output_grads[next_backward].append(grad)
         _free(send)
 
     if config.forward_only:
         return stage.stats
     if all_warmup and not last:
-        output_grads[v - 1].append(stage.communicate(recv_next=True)[1])
+        run.output_grads[v - 1].append(stage.communicate(recv_next=True)[1])
     for k in range(steady, total):
-        _, send_prev = backward_k(k)
-        next_backward = chunk_of(k + 1, False)
+        send_prev = run.backward(k)
+        next_backward = run.chunk_of(k + 1, False)
         recv_next = not (last and next_backward == v - 1) and k != total - 1
-        _, output_grad = stage.communicate(send_prev=send_prev, recv_next=recv_next)
+        _, grad = stage.communicate(send_prev=send_prev, recv_next=recv_next)
         if recv_next:
-            output_grads[next_backward].append(output_grad)
+            run.output_grads[next_backward].append(grad)
     return stage.stats
 
 

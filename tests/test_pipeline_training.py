@@ -47,7 +47,7 @@ def wikitext(tmp_path_factory) -> list[str]:
         tmp_path_factory.mktemp("wikitext"), num_docs=6, vocab_size=300
     )
     cache = tmp_path_factory.mktemp("cache")
-    return ["--data-path", prefix, "--split", "98,2,0", "--data-cache-path", str(cache), *tokenizer_flags]
+    return ["--data-path", prefix, "--split", "80,20,0", "--data-cache-path", str(cache), *tokenizer_flags]
 
 
 def _grid_flags(grid: dict) -> list[str]:
@@ -145,8 +145,12 @@ def _final_params(save_dir: Path, grid: dict) -> tuple[dict[str, torch.Tensor], 
 
 
 def _run(rank: int, world_size: int, module_name: str, argv: list[str]) -> list[dict]:
+    """The losses of every iteration, then the final validation losses (evaluation goes through the
+    schedule too)."""
     module = pretrain_gpt if module_name == "gpt" else pretrain_bert
-    return module.main(argv)["losses"]
+    summary = module.main(argv)
+    assert summary["valid"], "the test needs a validation split"
+    return [*summary["losses"], summary["valid"]]
 
 
 def _randomised_whole(module_name: str, data_flags: list[str], tmp: Path) -> dict[str, torch.Tensor]:
