@@ -18,5 +18,9 @@ setup(
         "tensorboard",
         "tqdm",
     ],
-    extras_require={"test": ["pytest", "ruff"]},
+    extras_require={
+        # tools/checkpoint/export_hf.py and import_hf_gpt2.py (Hugging Face folders)
+        "hf": ["transformers>=4.40,<5", "safetensors"],
+        "test": ["pytest", "ruff"],
+    },
 )

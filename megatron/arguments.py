@@ -519,8 +519,22 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tensorboard-log-interval", type=int, default=1)
     g.add_argument("--wandb-project", type=str, default=None, help="Weights & Biases project (if installed).")
     g.add_argument("--wandb-exp-name", type=str, default=None)
-    g.add_argument("--log-timers-to-tensorboard", action="store_true")
-    g.add_argument("--log-memory-to-tensorboard", action="store_true")
+    g.add_argument(
+        "--log-timers-to-tensorboard",
+        action="store_true",
+        help="Write the forward-backward, optimizer and iteration times to TensorBoard.",
+    )
+    g.add_argument(
+        "--log-memory-to-tensorboard",
+        action="store_true",
+        help="Write CUDA allocator statistics (peak resident memory without CUDA) to TensorBoard.",
+    )
+    g.add_argument(
+        "--log-num-zeros-in-grad",
+        action="store_true",
+        help="Log the number of zero gradient elements (over the whole model).",
+    )
+    g.add_argument("--log-params-norm", action="store_true", help="Log the L2 norm of the parameters.")
 
 
 def launcher_ranks() -> tuple[int, int, int]:
@@ -554,11 +568,41 @@ def parse_args(
         _apply_checkpoint_args(parser, args)
     args.rank = launcher_ranks()[0]
     args.world_size = world_size if world_size is not None else world_size_from_env()
-    notes = check_compat_args(parser, args)
+    notes, renamed = check_compat_args(parser, args)
     validate_args(parser, args, require_data=require_data)
-    if notes and launcher_ranks()[0] == 0:
+    if notes and args.rank == 0:
         print("note: accepted for Megatron-LM compatibility, no effect here: " + "; ".join(notes), flush=True)
+    if renamed and args.rank == 0:
+        print("note: old Megatron-LM spellings taken as the current flags: " + "; ".join(renamed), flush=True)
     return args
+
+
+def model_flag_differences(saved: argparse.Namespace, current: argparse.Namespace) -> list[str]:
+    """For each model attribute of CHECKPOINT_MODEL_ARGS (file paths aside) that both Namespaces hold and
+    that differs: "checkpoint has --hidden-size 64, this run asks for 128", spelled with the flags."""
+    actions = {action.dest: action for action in build_parser()._actions if action.option_strings}
+    differences = []
+    for name in CHECKPOINT_MODEL_ARGS:
+        if name in ("vocab_file", "merge_file", "tokenizer_model") or not hasattr(saved, name):
+            continue
+        old, new = getattr(saved, name), getattr(current, name, None)
+        if old == new:
+            continue
+        action = actions.get(name)
+        if action is None:  # derived values: padded_vocab_size, num_tokentypes
+            label = name.replace("_", " ")
+            differences.append(f"checkpoint has {label} {old}, this run has {new}")
+        elif action.nargs == 0:  # a switch: given or not
+            flag = action.option_strings[0]
+            differences.append(
+                f"checkpoint was saved with {flag}, this run is not"
+                if old == action.const
+                else f"checkpoint was saved without {flag}, this run asks for it"
+            )
+        else:
+            flag = action.option_strings[0]
+            differences.append(f"checkpoint has {flag} {old}, this run asks for {new}")
+    return differences
 
 
 def _apply_checkpoint_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron.arguments import model_flag_differences
 from megatron.checkpoint_format import (
     CHECKPOINT_VERSION,
     RELEASE,
@@ -96,19 +97,25 @@ def save_checkpoint(
     args: argparse.Namespace,
     parallel: ParallelState,
     save_dir: str,
+    *,
+    save_optim: bool = True,
+    save_rng: bool = True,
 ) -> str:
     """Write `<save_dir>/iter_{iteration:07d}/mp_rank_XX/model_optim_rng.pt` atomically; return that iteration dir.
 
     Collective: every rank calls it. `model` is the unwrapped module whose flat state_dict() is stored in
     Megatron's nested layout; `args` (with consumed_train_samples / consumed_valid_samples) is stored as
-    given; `optimizer` / `opt_param_scheduler` may be None (stored as None). Raises CheckpointError on every
-    rank when any rank fails to write; the tracker then still names the previous checkpoint.
+    given; `optimizer` / `opt_param_scheduler` may be None (stored as None). As Megatron's --no-save-optim
+    and --no-save-rng, `save_optim=False` leaves out the `optimizer` and `opt_param_scheduler` keys and
+    `save_rng=False` the `rng_state` key (loading such a checkpoint then needs --no-load-optim /
+    --no-load-rng or --finetune). Raises CheckpointError on every rank when any rank fails to write; the
+    tracker then still names the previous checkpoint.
     """
     final_dir = get_checkpoint_dir(save_dir, iteration)
     print_rank_0(parallel, f"saving checkpoint at iteration {iteration:7d} to {save_dir}")
     token = _agree_on_token(save_dir, parallel)
     temp_dir = f"{final_dir}.tmp-{token}"
-    rng_states = _gather_rng_states(parallel)
+    rng_states = _gather_rng_states(parallel) if save_rng else None
 
     error: Optional[Exception] = None
     if parallel.dp_rank == 0:  # one writer per TP rank and pipeline stage
@@ -119,12 +126,14 @@ def save_checkpoint(
                 "checkpoint_version": CHECKPOINT_VERSION,
                 "iteration": iteration,
                 **_model_states(model),
-                "optimizer": None if optimizer is None else optimizer.state_dict(),
-                "opt_param_scheduler": None
-                if opt_param_scheduler is None
-                else opt_param_scheduler.state_dict(),
-                "rng_state": rng_states,
             }
+            if save_optim:
+                state["optimizer"] = None if optimizer is None else optimizer.state_dict()
+                state["opt_param_scheduler"] = (
+                    None if opt_param_scheduler is None else opt_param_scheduler.state_dict()
+                )
+            if save_rng:
+                state["rng_state"] = rng_states
             _write_file_atomically(state, shard_path)
         except Exception as e:  # reported on every rank below, so that no rank waits forever
             error = e
@@ -289,6 +298,7 @@ def load_checkpoint(
     no_load_rng: bool = False,
     finetune: bool = False,
     strict: bool = True,
+    run_args: Optional[argparse.Namespace] = None,
 ) -> tuple[int, Optional[argparse.Namespace]]:
     """Restore this rank's shard of the checkpoint the tracker in `load_dir` names; return (iteration, args).
 
@@ -296,7 +306,9 @@ def load_checkpoint(
     `strict`), then, unless the checkpoint is a release or `finetune` is set, the optimizer and scheduler
     (unless `no_load_optim`) and the RNG states (unless `no_load_rng`). The iteration is 0 for a release
     or with `finetune`. Raises CheckpointError naming the path when the tracked dir or this rank's shard
-    is missing or unreadable, when the TP sizes differ, or when the model does not match the shard.
+    is missing or unreadable, when the TP sizes differ, or when the model does not match the shard; then,
+    given this run's `run_args` (with its padded_vocab_size), the error names every model flag that
+    differs from the checkpoint's saved args.
     """
     metadata = read_metadata(load_dir)
     if metadata is None:
@@ -321,6 +333,12 @@ def load_checkpoint(
     try:
         _load_model_states(model, state, strict)
     except (KeyError, RuntimeError) as e:
+        differences = [] if run_args is None else model_flag_differences(checkpoint_args, run_args)
+        if differences:
+            raise CheckpointError(
+                f"{path} holds a model of another shape: {'; '.join(differences)}; "
+                "pass --use-checkpoint-args or matching flags"
+            ) from None
         raise CheckpointError(f"{path}: the model does not match the checkpoint: {e}") from e
 
     restore_training_state = not (release or finetune)

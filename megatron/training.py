@@ -34,6 +34,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from functools import partial
 from typing import Callable, Optional
 
@@ -56,7 +57,7 @@ from megatron.pipeline import PipelineSetupError, build_model, forward_backward,
 from megatron.run_state import RunState
 from megatron.schedules import broadcast_from_last_stage
 from megatron.tokenizer import build_tokenizer
-from megatron.training_log import IntervalLogger, ScalarWriter, format_eval_block
+from megatron.training_log import IntervalLogger, ScalarWriter, StepStats, StepTimers, format_eval_block
 
 DatasetsProvider = Callable[[list, argparse.Namespace], tuple]
 ModelProvider = Callable[[argparse.Namespace, ParallelState, RunState], nn.Module]
@@ -90,6 +91,7 @@ def optimizer_config_from_args(args: argparse.Namespace) -> OptimizerConfig:
         min_loss_scale=args.min_loss_scale,
         loss_scale_window=args.loss_scale_window,
         hysteresis=args.hysteresis,
+        log_num_zeros_in_grad=args.log_num_zeros_in_grad,
     )
 
 
@@ -176,18 +178,22 @@ def train_step(
     num_microbatches: int,
     args: argparse.Namespace,
     parallel: ParallelState,
-) -> tuple[dict[str, float], bool, Optional[float]]:
-    """Forward/backward over all microbatches, gradient sync, optimizer step.
+    timers: Optional[StepTimers] = None,
+) -> tuple[dict[str, float], bool, Optional[float], float]:
+    """Forward/backward over all microbatches, gradient sync, optimizer step (phases timed by `timers`).
 
-    Returns (losses averaged over microbatches and DP ranks, update_successful, grad norm).
+    Returns (losses averaged over microbatches and DP ranks, update_successful, grad norm, num zeros in
+    grad (0 unless --log-num-zeros-in-grad)).
     """
     optimizer.zero_grad()
-    stats = forward_backward(
-        forward_step, data_iterator, model, num_microbatches, args, parallel, optimizer.scale_loss
-    )
-    update_successful, grad_norm, _ = optimizer.step()
+    with timers.phase("forward-backward") if timers else nullcontext():
+        stats = forward_backward(
+            forward_step, data_iterator, model, num_microbatches, args, parallel, optimizer.scale_loss
+        )
+    with timers.phase("optimizer") if timers else nullcontext():
+        update_successful, grad_norm, num_zeros = optimizer.step()
     losses = broadcast_from_last_stage(_average_over_dp(stats, parallel), parallel)
-    return losses, update_successful, grad_norm
+    return losses, update_successful, grad_norm, num_zeros
 
 
 @torch.no_grad()
@@ -269,6 +275,7 @@ def load_for_training(
             no_load_optim=args.no_load_optim,
             no_load_rng=args.no_load_rng,
             finetune=args.finetune,
+            run_args=run.checkpoint_args(args),
         )
     except ValueError as e:  # the scheduler refuses settings that contradict the checkpoint's
         raise CheckpointError(f"{args.load}: {e}") from None
@@ -398,17 +405,20 @@ def train_iteration(
     """One iteration of a training loop (pretraining or fine-tuning): train_step, the counters in `run`,
     the learning-rate schedule, the log line; stops the run after --max-nan-iterations bad iterations."""
     num_micro = global_batch // (args.micro_batch_size * parallel.dp_size)
-    losses, update_successful, grad_norm = train_step(
-        forward_step, data_iterator, model, optimizer, num_micro, args, parallel
+    losses, update_successful, grad_norm, num_zeros = train_step(
+        forward_step, data_iterator, model, optimizer, num_micro, args, parallel, logger.timers
     )
     run.iteration += 1
     run.consumed_train_samples += global_batch
     if update_successful:
         scheduler.step(increment=global_batch)
-    logger.record(
-        run.iteration, run.consumed_train_samples, losses, update_successful, grad_norm, global_batch,
-        scheduler.get_lr(), optimizer.loss_scale, flops,
-    )  # fmt: skip
+    step = StepStats(losses, update_successful, grad_norm, global_batch, scheduler.get_lr(), optimizer.loss_scale,
+                     flops)  # fmt: skip
+    if args.log_num_zeros_in_grad and update_successful:
+        step.num_zeros = num_zeros
+    if args.log_params_norm:
+        step.params_norm = optimizer.params_norm()
+    logger.record(run.iteration, run.consumed_train_samples, step)
     if logger.consecutive_bad >= args.max_nan_iterations:
         raise TrainingError(
             f"{logger.consecutive_bad} consecutive iterations (up to {run.iteration}) had NaN/inf losses or "
@@ -437,7 +447,8 @@ def _train_loop(
     def save() -> None:
         if args.save:
             save_checkpoint(run.iteration, model.module, optimizer, scheduler, run.checkpoint_args(args),
-                            parallel, args.save)  # fmt: skip
+                            parallel, args.save, save_optim=not args.no_save_optim,
+                            save_rng=not args.no_save_rng)  # fmt: skip
 
     calculator = MicroBatchCalculator(
         args.global_batch_size, args.micro_batch_size, parallel.dp_size, args.rampup_batch_size

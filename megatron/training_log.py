@@ -6,14 +6,21 @@ The line format is what existing log parsers expect:
      throughput per GPU (TFLOP/s/GPU): 1.2 | learning rate: 1.000000E-04 | global batch size:    32 |
      lm loss: 7.123456E+00 | loss scale: 1.0 | grad norm: 1.234 | number of skipped iterations:   0 |
      number of nan iterations:   0 |
+
+with " num zeros: 12.0 |" and " params norm: 123.456 |" after the grad norm under --log-num-zeros-in-grad
+and --log-params-norm.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import resource
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -32,6 +39,8 @@ def format_train_line(
     grad_norm: Optional[float],
     skipped: int,
     nans: int,
+    num_zeros: Optional[float] = None,
+    params_norm: Optional[float] = None,
 ) -> str:
     """One training log line, spelled as Megatron-LM spells it."""
     line = f" iteration {iteration:8d}/{train_iters:8d} |"
@@ -46,6 +55,10 @@ def format_train_line(
     line += f" loss scale: {loss_scale:.1f} |"
     if grad_norm is not None:
         line += f" grad norm: {grad_norm:.3f} |"
+    if num_zeros is not None:
+        line += f" num zeros: {num_zeros:.1f} |"
+    if params_norm is not None:
+        line += f" params norm: {params_norm:.3f} |"
     line += f" number of skipped iterations: {skipped:3d} |"
     line += f" number of nan iterations: {nans:3d} |"
     return line
@@ -96,6 +109,61 @@ class ScalarWriter:
             self.wandb.finish()
 
 
+@dataclass
+class StepStats:
+    """What one training iteration reports to the log (num_zeros / params_norm: None unless asked for)."""
+
+    losses: dict[str, float]
+    update_successful: bool
+    grad_norm: Optional[float]
+    global_batch: int
+    learning_rate: float
+    loss_scale: float
+    flops: float
+    num_zeros: Optional[float] = None
+    params_norm: Optional[float] = None
+
+
+class StepTimers:
+    """Wall time of the phases of a training step (--log-timers-to-tensorboard), synchronising CUDA at each
+    phase boundary so that the time is the work's, not its launch's. Only built when that flag is given."""
+
+    def __init__(self) -> None:
+        self.elapsed: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        _synchronize()
+        start = time.perf_counter()
+        yield
+        _synchronize()
+        self.elapsed[name] = self.elapsed.get(name, 0.0) + time.perf_counter() - start
+
+    def pop(self, iterations: int) -> dict[str, float]:
+        """Seconds per iteration of each phase since the last pop, as Megatron names them ("<phase>-time")."""
+        values = {f"{name}-time": total / iterations for name, total in self.elapsed.items()}
+        self.elapsed = {}
+        return values
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def memory_scalars() -> dict[str, float]:
+    """--log-memory-to-tensorboard: the CUDA caching allocator's statistics, as Megatron writes them; on a
+    machine without CUDA the process's peak resident memory (Linux ru_maxrss is in KiB)."""
+    if torch.cuda.is_available():
+        stats = torch.cuda.memory_stats()
+        return {
+            "mem-reserved-bytes": stats["reserved_bytes.all.current"],
+            "mem-allocated-bytes": stats["allocated_bytes.all.current"],
+            "mem-allocated-count": stats["allocation.all.current"],
+        }
+    return {"mem-max-rss-bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0}
+
+
 class IntervalLogger:
     """Accumulates the iterations between two log lines; prints Megatron's line every --log-interval
     iterations and writes TensorBoard scalars every --tensorboard-log-interval iterations."""
@@ -112,9 +180,11 @@ class IntervalLogger:
         self.writer = writer
         self.print = print_fn
         self.tty = sys.stdout.isatty()
+        self.timers = StepTimers() if args.log_timers_to_tensorboard else None
         self.skipped = 0
         self.nans = 0
         self.consecutive_bad = 0  # iterations in a row with a NaN/inf loss or gradient
+        self._since_tensorboard = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -123,51 +193,53 @@ class IntervalLogger:
         self.flops = 0.0
         self.start = time.time()
 
-    def record(
-        self,
-        iteration: int,
-        consumed_samples: int,
-        losses: dict[str, float],
-        update_successful: bool,
-        grad_norm: Optional[float],
-        global_batch: int,
-        learning_rate: float,
-        loss_scale: float,
-        flops: float,
-    ) -> None:
+    def record(self, iteration: int, consumed_samples: int, step: StepStats) -> None:
         """Account for one finished iteration; log when an interval is complete."""
         args = self.args
-        loss_is_bad = not all(math.isfinite(v) for v in losses.values())
-        self.skipped += 0 if update_successful else 1
+        loss_is_bad = not all(math.isfinite(v) for v in step.losses.values())
+        self.skipped += 0 if step.update_successful else 1
         self.nans += int(loss_is_bad)
         # fp16 skips steps on overflow by design; otherwise a skipped step means NaN/inf gradients.
-        bad = loss_is_bad or not (update_successful or args.fp16)
+        bad = loss_is_bad or not (step.update_successful or args.fp16)
         self.consecutive_bad = self.consecutive_bad + 1 if bad else 0
-        for name, value in losses.items():
+        for name, value in step.losses.items():
             if math.isfinite(value):
                 self.losses[name] = self.losses.get(name, 0.0) + value
         self.count += 1
-        self.flops += flops
+        self.flops += step.flops
+        self._since_tensorboard += 1
         if iteration % args.tensorboard_log_interval == 0:
-            scalars = dict(losses, **{"learning-rate": learning_rate, "loss-scale": loss_scale})
-            scalars["batch-size"] = global_batch
-            if grad_norm is not None:
-                scalars["grad-norm"] = grad_norm
-            self.writer.add_scalars(scalars, iteration)
-        if iteration % args.log_interval != 0:
-            return
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+            self._write_scalars(iteration, step)
+        if iteration % args.log_interval == 0:
+            self._print_line(iteration, consumed_samples, step)
+
+    def _write_scalars(self, iteration: int, step: StepStats) -> None:
+        scalars = dict(step.losses, **{"learning-rate": step.learning_rate, "loss-scale": step.loss_scale})
+        scalars["batch-size"] = step.global_batch
+        optional = {"grad-norm": step.grad_norm, "num-zeros": step.num_zeros, "params-norm": step.params_norm}
+        scalars.update({name: value for name, value in optional.items() if value is not None})
+        if self.timers is not None:
+            scalars.update(self.timers.pop(self._since_tensorboard))
+        if self.args.log_memory_to_tensorboard:
+            scalars.update(memory_scalars())
+        self._since_tensorboard = 0
+        self.writer.add_scalars(scalars, iteration)
+
+    def _print_line(self, iteration: int, consumed_samples: int, step: StepStats) -> None:
+        _synchronize()
         elapsed = time.time() - self.start
         per_iter = elapsed / self.count
-        tflops = self.flops / elapsed / args.world_size / 1e12
+        tflops = self.flops / elapsed / self.args.world_size / 1e12
         average = {name: total / self.count for name, total in self.losses.items()}
         line = format_train_line(
-            iteration, self.train_iters, consumed_samples, per_iter * 1000.0, tflops, learning_rate,
-            global_batch, average, loss_scale, grad_norm, self.skipped, self.nans,
+            iteration, self.train_iters, consumed_samples, per_iter * 1000.0, tflops, step.learning_rate,
+            step.global_batch, average, step.loss_scale, step.grad_norm, self.skipped, self.nans,
+            num_zeros=step.num_zeros, params_norm=step.params_norm,
         )  # fmt: skip
         self.print(line)
         perf = {"throughput-tflops-per-gpu": tflops, "iteration-time-ms": per_iter * 1000.0}
+        if self.args.log_timers_to_tensorboard:
+            perf["iteration-time"] = per_iter  # Megatron's name, in seconds
         if torch.cuda.is_available():
             perf["mem-max-allocated-gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.writer.add_scalars(perf, iteration)

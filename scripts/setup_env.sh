@@ -22,7 +22,7 @@ fi
 
 stamp="$VENV/.megatron_installed"
 if [ ! -f "$stamp" ] || [ "$ROOT/setup.py" -nt "$stamp" ]; then
-  echo "[setup] installing the project (pip install -e .)"
-  python -m pip install -q -e "$ROOT"
+  echo "[setup] installing the project with its Hugging Face converters' packages (pip install -e .[hf])"
+  python -m pip install -q -e "$ROOT[hf]"
   touch "$stamp"
 fi

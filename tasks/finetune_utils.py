@@ -228,6 +228,7 @@ def finetune(args: argparse.Namespace, parallel: ParallelState, task: FinetuneTa
         iteration, _ = load_checkpoint(
             model.module, optimizer, scheduler, args.load, parallel,
             no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng, finetune=args.finetune,
+            run_args=run.checkpoint_args(args),
         )  # fmt: skip
         run.iteration, run.consumed_train_samples = iteration, iteration * args.global_batch_size
     if run.iteration == 0 and args.pretrained_checkpoint:
@@ -268,7 +269,8 @@ def _train(
     def save() -> None:
         if args.save:
             save_checkpoint(run.iteration, model.module, optimizer, scheduler, run.checkpoint_args(args),
-                            parallel, args.save)  # fmt: skip
+                            parallel, args.save, save_optim=not args.no_save_optim,
+                            save_rng=not args.no_save_rng)  # fmt: skip
 
     data = train_batches(train_set, args, parallel, run.iteration)
     flops = hardware_flops(args.global_batch_size * task.sequences_per_sample, args.seq_length, args.num_layers,
@@ -302,7 +304,8 @@ def _model_for_evaluation(
     if args.load:
         if read_metadata(args.load) is None:
             raise CheckpointError(f"--load {args.load}: no latest_checkpointed_iteration.txt there")
-        load_checkpoint(model, None, None, args.load, parallel, no_load_optim=True, no_load_rng=True)
+        load_checkpoint(model, None, None, args.load, parallel, no_load_optim=True, no_load_rng=True,
+                        run_args=run.checkpoint_args(args))  # fmt: skip
     else:
         load_pretrained(model, args.pretrained_checkpoint, parallel)
     return model

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megatron.arguments import parse_args, transformer_config_from_args
+from megatron.compat_args import UNSUPPORTED
 from megatron.microbatches import MicroBatchCalculator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,7 +215,38 @@ def test_megatron_launch_script_flags_are_accepted(capsys):
     assert "no effect here" in out and "--data-impl" in out and "--no-masked-softmax-fusion" in out
 
 
-@pytest.mark.parametrize("flag", ["--sequence-parallel", "--use-distributed-optimizer", "--swiglu"])
+def test_old_megatron_spellings_are_taken_as_current_flags(capsys):
+    """Flags of Megatron-LM's old example scripts (pretrain_gpt2.sh, 2020-2022) run, with one note."""
+    at = BASE.index("--micro-batch-size")
+    old = BASE[:at] + BASE[at + 2 :]
+    old += "--batch-size 4 --model-parallel-size 2 --warmup .01 --override-lr-scheduler".split()
+    old += "--activations-checkpoint-method uniform --activations-checkpoint-num-layers 1".split()
+    old += "--distribute-checkpointed-activations --no-contiguous-buffers-in-local-ddp".split()
+    args = parse_args(old, world_size=2)
+    assert (
+        args.micro_batch_size == 4 and args.tensor_model_parallel_size == 2 and args.data_parallel_size == 1
+    )
+    assert args.lr_warmup_fraction == 0.01 and args.override_opt_param_scheduler
+    assert args.recompute_granularity == "full"
+    notes = [line for line in capsys.readouterr().out.splitlines() if "old Megatron-LM spellings" in line]
+    assert len(notes) == 1
+    for renamed in ("--batch-size 4 -> --micro-batch-size 4", "--model-parallel-size 2 -> --tensor-model-parallel-size 2",
+                    "--warmup 0.01 -> --lr-warmup-fraction 0.01", "--override-lr-scheduler -> --override-opt-param-scheduler",
+                    "--activations-checkpoint-method uniform -> --recompute-granularity full"):  # fmt: skip
+        assert renamed in notes[0]
+    assert parse_args(BASE + ["--checkpoint-activations"]).recompute_granularity == "full"
+
+
+def test_old_spelling_that_contradicts_the_current_flag_is_refused(capsys):
+    assert "--batch-size 4 (old spelling of --micro-batch-size) contradicts --micro-batch-size 2" in _error(
+        capsys, BASE + ["--batch-size", "4"]
+    )
+    assert "block recomputes only some layers" in _error(
+        capsys, BASE + ["--activations-checkpoint-method", "block"]
+    )
+
+
+@pytest.mark.parametrize("flag", sorted(UNSUPPORTED))
 def test_unsupported_megatron_flags_are_refused_with_the_reason(capsys, flag):
     assert f"{flag}: " in _error(capsys, BASE + [flag])
 

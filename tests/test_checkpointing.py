@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import random
 import signal
@@ -489,6 +490,42 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path) -> No
     parallel = single_process_state()
     model, optimizer, scheduler = _build(parallel, dp_seed=6)
     assert load_checkpoint(model, optimizer, scheduler, str(save_dir), parallel)[0] == 1
+
+
+def _kill_at_save_steps(tmp_path, quick: bool) -> dict:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.save_killer", str(tmp_path), *(["--quick"] if quick else [])],
+        cwd=repo, capture_output=True, text=True, timeout=900,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for kind, steps in (("fresh", report["steps"]), ("resave", report["resave_steps"])):
+        tracker_write = next(i for i, step in enumerate(steps, 1) if step.startswith("replace latest"))
+        for result in report[kind]:
+            # The latest checkpoint loads and training resumes exactly where the uninterrupted run was.
+            assert result["resume_status"] == 0, result
+            assert result["resumed_loss"] == result["expected_loss"], result
+            # The tracker moves to iteration 2 with its own replacement, never before.
+            assert result["tracked"] == (2 if result["k"] >= tracker_write else 1), result
+    return report
+
+
+def test_sigkill_after_each_kind_of_save_step_leaves_a_checkpoint_that_resumes(tmp_path) -> None:
+    """A training process killed after the shard write, after its fsync, between the renames of a re-save,
+    and after the tracker write: the latest checkpoint loads and training resumes bitwise."""
+    report = _kill_at_save_steps(tmp_path, quick=True)
+    killed = [r["killed_after"].split(" ")[0] for r in report["fresh"] + report["resave"]]
+    assert killed == ["torch.save", "fsync", "replace", "rename"]
+    assert report["resave"][0]["killed_after"].startswith("rename iter_0000002 -> iter_0000002.old-")
+
+
+@pytest.mark.slow
+def test_sigkill_at_every_step_of_a_save_leaves_a_checkpoint_that_resumes(tmp_path) -> None:
+    report = _kill_at_save_steps(tmp_path, quick=False)
+    assert [r["k"] for r in report["fresh"]] == list(range(1, len(report["steps"]) + 1))
+    assert [r["k"] for r in report["resave"]] == list(range(1, len(report["resave_steps"]) + 1))
 
 
 # ------------------------------------------------------------------------------------ multi-rank

@@ -228,6 +228,27 @@ def test_tp_mismatch_is_a_clear_error(tmp_path):
     assert f'File "{ROOT}/megatron' not in proc.stderr and 'pretrain_gpt.py", line' not in proc.stderr
 
 
+def test_checkpoint_of_another_shape_is_named_in_flags(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    _train(pretrain_gpt, [*TINY, *MOCK, "--train-iters", 3, "--save", ckpt])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        _train(pretrain_gpt, [*TINY, *MOCK, "--train-iters", 6, "--load", ckpt, "--hidden-size", 64,
+                              "--num-layers", 3, "--vocab-size", 300, "--openai-gelu"])  # fmt: skip
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err  # one line, not PyTorch's list of size mismatches
+    for difference in ("checkpoint has --num-layers 2, this run asks for 3",
+                       "checkpoint has --hidden-size 32, this run asks for 64",
+                       "checkpoint has --ffn-hidden-size 128, this run asks for 256",
+                       "checkpoint has --vocab-size 200, this run asks for 300",
+                       "checkpoint has padded vocab size 256, this run has 384",
+                       "checkpoint was saved without --openai-gelu, this run asks for it",
+                       "pass --use-checkpoint-args or matching flags"):  # fmt: skip
+        assert difference in err, err
+    assert "size mismatch" not in err
+
+
 # --- precision and bad numbers -----------------------------------------------------------------------
 
 

@@ -17,15 +17,28 @@ identical gradients, hence identical norms and the same overflow decision.
 
 Clipping (Megatron's rule): with coeff = max_norm / (||g|| + 1e-6), if coeff < 1 every gradient is
 multiplied by coeff, so the clipped norm is max_norm (up to the 1e-6).
+
+For the log line (--log-num-zeros-in-grad, --log-params-norm) the same counting rule gives the number of
+zero gradient elements, sum over TP ranks r of sum over counted p of #{i : g_p[i] = 0}, and the parameter
+norm sqrt(sum_r sum_p ||w_p||^2), each completed by one all-reduce (SUM) over the model-parallel (TP x PP) group.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from megatron.parallel.collectives import all_reduce
 from megatron.parallel.state import ParallelState
+
+
+def model_parallel_group(parallel: ParallelState) -> Optional[dist.ProcessGroup]:
+    """The ranks holding one model replica (TP x PP); a ParallelState built by hand without that group
+    (no pipeline) reduces over TP."""
+    return parallel.mp_group if parallel.mp_group is not None else parallel.tp_group
 
 
 def grad_norm_and_found_inf(
@@ -46,8 +59,7 @@ def grad_norm_and_found_inf(
         # Where selects the counted squares without multiplying a nan/inf by 0 (which would give nan).
         stats[0] = torch.where(counted, norms.square(), torch.zeros_like(norms)).sum()
         stats[1] = (~torch.isfinite(norms)).sum()
-    # The model-parallel group (TP x PP); a ParallelState built by hand without it reduces over TP only.
-    all_reduce(stats, parallel.mp_group if parallel.mp_group is not None else parallel.tp_group)
+    all_reduce(stats, model_parallel_group(parallel))
     sum_of_squares, num_nonfinite = stats.tolist()
     return sum_of_squares**0.5, num_nonfinite > 0
 
@@ -57,3 +69,23 @@ def clip_grads_(grads: list[Tensor], max_norm: float, total_norm: float) -> None
     clip_coeff = max_norm / (total_norm + 1.0e-6)
     if clip_coeff < 1.0 and grads:
         torch._foreach_mul_(grads, clip_coeff)
+
+
+def count_zeros(grads: list[Tensor], counted: list[bool], parallel: ParallelState) -> float:
+    """Number of zero elements in the counted gradients of the whole model (Megatron's num_zeros_in_grad)."""
+    device = grads[0].device if grads else "cpu"
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for grad, is_counted in zip(grads, counted):
+        if is_counted:
+            total += grad.numel() - torch.count_nonzero(grad)
+    return float(all_reduce(total, model_parallel_group(parallel)))
+
+
+def l2_norm(tensors: list[Tensor], counted: list[bool], parallel: ParallelState) -> float:
+    """sqrt of the sum of squares of the counted tensors of the whole model (e.g. the parameter norm)."""
+    chosen = [t.detach() for t, is_counted in zip(tensors, counted) if is_counted]
+    device = tensors[0].device if tensors else "cpu"
+    sum_of_squares = torch.zeros((), dtype=torch.float32, device=device)
+    if chosen:
+        sum_of_squares += torch.stack(torch._foreach_norm(chosen)).float().square().sum()
+    return float(all_reduce(sum_of_squares, model_parallel_group(parallel))) ** 0.5

@@ -35,6 +35,7 @@ class OptimizerConfig:
     min_loss_scale: float = 1.0
     loss_scale_window: int = 1000
     hysteresis: int = 2
+    log_num_zeros_in_grad: bool = False  # count the zero gradient elements in step() (costs a pass)
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "sgd"):

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from megatron.distributed import DistributedDataParallel
-from megatron.optimizer.clip_grads import clip_grads_, grad_norm_and_found_inf
+from megatron.optimizer.clip_grads import clip_grads_, count_zeros, grad_norm_and_found_inf, l2_norm
 from megatron.optimizer.config import OptimizerConfig
 from megatron.optimizer.grad_scaler import ConstantGradScaler, DynamicGradScaler
 from megatron.parallel.layers import param_is_not_tensor_parallel_duplicate
@@ -159,10 +159,12 @@ class MegatronOptimizer:
 
     @torch.no_grad()
     def step(self) -> tuple[bool, Optional[float], int]:
-        """Unscale, check, clip and apply the main gradients; return (update_successful, grad_norm, 0).
+        """Unscale, check, clip and apply the main gradients; return (update_successful, grad_norm, num_zeros).
 
         grad_norm is the global L2 norm of the (unscaled) gradients before clipping, None when the step is
-        skipped because a gradient is inf/nan. The third value is Megatron's num_zeros_in_grad, not counted.
+        skipped because a gradient is inf/nan. num_zeros is Megatron's num_zeros_in_grad (zero elements of
+        the clipped gradients over the model, see clip_grads.count_zeros) with config.log_num_zeros_in_grad,
+        else 0 (not counted).
         """
         grads = [param.main_grad for param in self._model_params]
         if self.grad_scaler is not None:
@@ -174,6 +176,11 @@ class MegatronOptimizer:
             return False, None, 0
         if self.config.clip_grad > 0:
             clip_grads_(grads, self.config.clip_grad, grad_norm)
+        num_zeros = (
+            count_zeros(grads, self._counted_in_norm, self.parallel)
+            if self.config.log_num_zeros_in_grad
+            else 0
+        )
 
         for main, grad in zip(self._main_params, grads):
             main.grad = grad
@@ -183,7 +190,12 @@ class MegatronOptimizer:
             main.grad = None
         if self._half_params:
             torch._foreach_copy_(self._half_params, self._half_mains)
-        return True, grad_norm, 0
+        return True, grad_norm, num_zeros
+
+    @torch.no_grad()
+    def params_norm(self) -> float:
+        """L2 norm of the whole model's fp32 main parameters (TP duplicates counted once), for --log-params-norm."""
+        return l2_norm(self._main_params, self._counted_in_norm, self.parallel)
 
     def zero_grad(self) -> None:
         """Zero the gradient buffer (every main_grad) and drop any .grad; call before each iteration."""

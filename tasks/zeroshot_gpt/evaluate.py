@@ -85,7 +85,10 @@ def build_model(args: argparse.Namespace, parallel: ParallelState, padded_vocab_
     model = model.to(dtype=args.params_dtype)
     if torch.cuda.is_available():
         model = model.cuda()
-    load_checkpoint(model, None, None, args.load, parallel, no_load_optim=True, no_load_rng=True)
+    run_args = argparse.Namespace(**dict(vars(args), padded_vocab_size=padded_vocab_size))
+    load_checkpoint(
+        model, None, None, args.load, parallel, no_load_optim=True, no_load_rng=True, run_args=run_args
+    )
     return model.eval()
 
 

@@ -24,18 +24,23 @@ import json
 import os
 from typing import Optional
 
-from safetensors.torch import save_file
-
 from tools.checkpoint.checkpoint_io import (
     ToolError,
     atomic_output_dir,
     check_distinct_paths,
     load_checkpoint_shards,
 )
-from tools.checkpoint.hf_bert import bert_to_hf_state, has_binary_head, megatron_bert_config_from_args
 from tools.checkpoint.hf_common import copy_tokenizer_file
-from tools.checkpoint.hf_gpt2 import gpt2_config_from_args, gpt_to_hf_state
+from tools.checkpoint.hf_packages import missing_package_exit
 from tools.checkpoint.tp_layout import merge_shards
+
+try:
+    from safetensors.torch import save_file
+
+    from tools.checkpoint.hf_bert import bert_to_hf_state, has_binary_head, megatron_bert_config_from_args
+    from tools.checkpoint.hf_gpt2 import gpt2_config_from_args, gpt_to_hf_state
+except ModuleNotFoundError as e:
+    raise missing_package_exit(e, "tools/checkpoint/export_hf.py") from None
 
 GPT2_SPECIAL = "<|endoftext|>"
 

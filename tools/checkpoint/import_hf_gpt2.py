@@ -28,9 +28,7 @@ import os
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
-from transformers import GPT2Config
 
 from megatron.arguments import build_parser
 from megatron.tokenizer import vocab_size_with_padding
@@ -42,9 +40,17 @@ from tools.checkpoint.checkpoint_io import (
     write_checkpoint,
 )
 from tools.checkpoint.hf_common import copy_tokenizer_file
-from tools.checkpoint.hf_gpt2 import gelu_flags_from_activation, hf_to_gpt_state
+from tools.checkpoint.hf_packages import missing_package_exit
 from tools.checkpoint.pp_layout import split_stages
 from tools.checkpoint.tp_layout import repad_vocab, split_whole
+
+try:
+    from safetensors.torch import load_file
+    from transformers import GPT2Config
+
+    from tools.checkpoint.hf_gpt2 import gelu_flags_from_activation, hf_to_gpt_state
+except ModuleNotFoundError as e:
+    raise missing_package_exit(e, "tools/checkpoint/import_hf_gpt2.py") from None
 
 
 def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
