@@ -38,7 +38,8 @@ GPT_ARGS = (
     "--lr-warmup-iters 1 --train-iters 4 --log-interval 1 --eval-interval 1000 --eval-iters 1 --seed 7 "
     "--hidden-dropout 0 --attention-dropout 0 --clip-grad 0.5 --make-vocab-size-divisible-by 2"
 ).split()
-BERT_ARGS = [a for a in GPT_ARGS] + "--mock-data --tokenizer-type NullTokenizer --vocab-size 120".split()
+MOCK = "--mock-data --tokenizer-type NullTokenizer --vocab-size 120".split()
+BERT_ARGS = [*GPT_ARGS, *MOCK]
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +241,23 @@ def test_init_does_not_depend_on_layout_and_other_layout_is_refused(wikitext, tm
             in error
         )
         assert "tools/checkpoint/reshard.py" in error and "Traceback" not in error
+
+
+def _diverge(rank: int, world_size: int) -> tuple[int, str]:
+    argv = [*GPT_ARGS, *MOCK, "--pipeline-model-parallel-size", "2", "--train-iters", "30", "--lr", "1e38",
+            "--min-lr", "1e37", "--clip-grad", "0", "--max-nan-iterations", "3"]  # fmt: skip
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as info:
+        pretrain_gpt.main(argv)
+    return info.value.code, stderr.getvalue()
+
+
+def test_nan_iterations_stop_every_stage_together():
+    """The last stage's NaN losses reach every stage (and found-inf is reduced over TP x PP): all stages
+    count the same bad iterations and stop at the same one with the same message, none waits forever."""
+    results = run_distributed(_diverge, 2)
+    assert [code for code, _ in results] == [1, 1]
+    messages = [
+        next(line for line in err.splitlines() if "consecutive iterations" in line) for _, err in results
+    ]
+    assert messages[0] == messages[1] and "Traceback" not in results[0][1] + results[1][1]
