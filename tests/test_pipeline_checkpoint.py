@@ -133,6 +133,7 @@ def _generate(rank: int, world_size: int, load: str) -> tuple[list, torch.Tensor
     return out.tokens.tolist(), out.log_probs
 
 
+@pytest.mark.slow
 def test_export_import_generate_of_a_pp_checkpoint_and_refused_optimizer_reshard(tmp_path):
     """export_hf reads a PP checkpoint: the same Hugging Face weights as from its PP 1 reshard, and
     import_hf_gpt2 writes them back as PP 2 stages; generation at PP 2 gives the tokens of PP 1; resharding the optimizer across stages is refused
