@@ -17,7 +17,7 @@ from megatron.model.language_model import (
     word_embeddings_for_head,
 )
 from megatron.model.transformer import LayerNorm
-from megatron.model.utils import gelu, init_rng
+from megatron.model.utils import gelu
 from megatron.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron.parallel.layers import set_tensor_model_parallel_attributes
 from megatron.parallel.pipeline_layout import StageLayout
@@ -78,14 +78,11 @@ class BertModel(nn.Module):
         self.lm_head: Optional[BertLMHead] = None
         self.binary_head: Optional[nn.Linear] = None
         if self.post_process:
-            with init_rng(self.language_model.init_seed, config.num_layers + 2):
-                self.lm_head = BertLMHead(config, parallel)
-                if config.add_binary_head:
-                    self.binary_head = normal_linear(config.hidden_size, 2, config)
+            self.lm_head = BertLMHead(config, parallel)
+            if config.add_binary_head:
+                self.binary_head = normal_linear(config.hidden_size, 2, config)
             if not self.language_model.stage.pre_process:
-                self.word_embeddings_for_head = word_embeddings_for_head(
-                    config, parallel, self.language_model.init_seed
-                )
+                self.word_embeddings_for_head = word_embeddings_for_head(self.language_model)
         mark_pipeline_tied(self)
 
     def set_input_tensor(self, input_tensor: Optional[Tensor]) -> None:

@@ -27,7 +27,7 @@ class GPTModel(nn.Module):
     Every TP rank holds 1/p of the vocabulary rows of the word embeddings, 1/p of the heads and of the MLP
     columns (megatron.model.transformer); the logits are split over the vocabulary. Parameters are drawn
     from the default torch generator as full tensors and sliced, so the same seed gives the same model at
-    any TP size, and under per-layer seeds, so also at any pipeline layout.
+    any TP size, and at any pipeline layout (a stage draws the whole model's weights up to its own).
 
     `stage` builds one pipeline stage (megatron.parallel.pipeline_layout): its forward then takes the
     previous stage's hidden states through `set_input_tensor` and, except on the last stage, returns its
@@ -50,9 +50,7 @@ class GPTModel(nn.Module):
         )
         self.post_process = self.language_model.stage.post_process
         if self.post_process and not self.language_model.stage.pre_process:
-            self.word_embeddings_for_head = word_embeddings_for_head(
-                config, parallel, self.language_model.init_seed
-            )
+            self.word_embeddings_for_head = word_embeddings_for_head(self.language_model)
         mark_pipeline_tied(self)
 
     def set_input_tensor(self, input_tensor: Optional[Tensor]) -> None:

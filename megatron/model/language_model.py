@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from megatron.model.config import TransformerConfig
 from megatron.model.transformer import InferenceParams, LayerNorm, ParallelTransformer, check_config
-from megatron.model.utils import draw_init_seed, init_normal_, init_rng
+from megatron.model.utils import init_normal_
 from megatron.parallel.layers import VocabParallelEmbedding
 from megatron.parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -24,9 +24,6 @@ from megatron.parallel.mappings import (
 )
 from megatron.parallel.pipeline_layout import StageLayout
 from megatron.parallel.state import ParallelState
-
-# init_rng units: the embedding is 0, layer n is 1 + n, the pooler num_layers + 1, BERT's heads num_layers + 2.
-EMBEDDING_UNIT = 0
 
 
 def normal_linear(in_features: int, out_features: int, config: TransformerConfig) -> nn.Linear:
@@ -127,8 +124,10 @@ class TransformerLanguageModel(nn.Module):
     (default: the whole model) says which layers to build and whether this stage holds the embedding
     (pre_process) and the final layernorm and pooler (post_process). A stage without the embedding takes
     its input from `set_input_tensor` (the previous stage's output, given by the pipeline schedule).
-    Initialisation draws one base seed from the default generator and builds each unit under its own seed
-    (megatron.model.utils.init_rng), so the weights do not depend on the pipeline layout.
+    Every stage draws the initial weights of the whole model up to its last part from the default
+    generator, in the whole model's order, and keeps its own parts, so the weights do not depend on the
+    pipeline layout; a last stage without the embedding keeps the drawn word embedding for
+    `take_drawn_word_embeddings` (its tied copy).
     """
 
     def __init__(
@@ -142,19 +141,21 @@ class TransformerLanguageModel(nn.Module):
         super().__init__()
         check_config(config, parallel)
         self.stage = StageLayout.whole(config.num_layers) if stage is None else stage
-        self.init_seed = draw_init_seed()
-        self.embedding: Optional[Embedding] = None
-        if self.stage.pre_process:
-            with init_rng(self.init_seed, EMBEDDING_UNIT):
-                self.embedding = Embedding(config, parallel)
+        embedding = Embedding(config, parallel)
+        self.embedding: Optional[Embedding] = embedding if self.stage.pre_process else None
+        tied_copy = self.stage.post_process and not self.stage.pre_process
+        self._drawn_word_embeddings = [embedding.word_embeddings] if tied_copy else []
         self.encoder = ParallelTransformer(
-            config, parallel, causal, self.init_seed, self.stage.layers, self.stage.post_process
+            config, parallel, causal, self.stage.layers, self.stage.post_process
         )
         self.pooler: Optional[Pooler] = None
         if add_pooler and self.stage.post_process:
-            with init_rng(self.init_seed, config.num_layers + 1):
-                self.pooler = Pooler(config)
+            self.pooler = Pooler(config)
         self.input_tensor: Optional[Tensor] = None
+
+    def take_drawn_word_embeddings(self) -> VocabParallelEmbedding:
+        """The word embedding a last stage without the embedding drew (equal to the first stage's), once."""
+        return self._drawn_word_embeddings.pop()
 
     def set_input_tensor(self, input_tensor: Optional[Tensor]) -> None:
         """The hidden states [batch, seq, h] from the previous pipeline stage, used by the next forward."""
@@ -189,23 +190,12 @@ class TransformerLanguageModel(nn.Module):
         return hidden, pooled
 
 
-def word_embeddings_for_head(
-    config: TransformerConfig, parallel: ParallelState, init_seed: int
-) -> VocabParallelEmbedding:
-    """The last stage's copy of the tied word embedding (Megatron's `word_embeddings_for_head`).
-
-    Built under the embedding's seed, it starts bitwise equal to the first stage's word embeddings (drawn
-    first in that unit); the schedule all-reduces the two gradients over the embedding group each step, so
-    the copies stay equal. It is marked `shared`: the gradient norm counts only the first stage's copy.
-    """
-    with init_rng(init_seed, EMBEDDING_UNIT):
-        head = VocabParallelEmbedding(
-            config.padded_vocab_size,
-            config.hidden_size,
-            parallel=parallel,
-            init_std=config.init_method_std,
-            params_dtype=config.params_dtype,
-        )
+def word_embeddings_for_head(language_model: TransformerLanguageModel) -> VocabParallelEmbedding:
+    """The last stage's copy of the tied word embedding (Megatron's `word_embeddings_for_head`): the word
+    embedding the stage drew as the whole model does, so it starts bitwise equal to the first stage's. The
+    schedule all-reduces the two gradients over the embedding group each step, so the copies stay equal.
+    It is marked `shared`: the gradient norm counts only the first stage's copy."""
+    head = language_model.take_drawn_word_embeddings()
     head.weight.shared = True
     return head
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatron.model.config import TransformerConfig
-from megatron.model.utils import alibi_slopes, draw_init_seed, gelu, init_rng
+from megatron.model.utils import alibi_slopes, gelu
 from megatron.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.parallel.random import checkpoint, get_rng_tracker
 from megatron.parallel.state import ParallelState
@@ -315,10 +315,12 @@ class ParallelTransformerLayer(nn.Module):
 class ParallelTransformer(nn.Module):
     """Transformer layers followed by the final layernorm.
 
-    `layers` are the global numbers of the layers to build (all of config.num_layers by default; a pipeline
-    stage builds its own block, stored as layers.0, layers.1, .. as Megatron numbers them in a stage's
-    checkpoint); layer n is initialised under `init_rng(init_seed, 1 + n)`, so its weights do not depend on
-    which stage builds it. `final_layernorm` is False on all but the last pipeline stage.
+    `layers` are the global numbers of the layers to keep (all of config.num_layers by default; a pipeline
+    stage keeps its own block, stored as layers.0, layers.1, .. as Megatron numbers them in a stage's
+    checkpoint). The layers before the block are built too and dropped: their initial weights are drawn
+    from the default generator exactly as the whole model draws them, so the block gets the weights it
+    has in the whole model whatever the pipeline layout. `final_layernorm` is False on all but the last
+    pipeline stage.
 
     recompute_granularity 'full' recomputes each whole layer in backward (only its input is kept);
     'selective' recomputes only the attention core softmax(QK^T)V inside each layer (its s^2 activations
@@ -331,18 +333,18 @@ class ParallelTransformer(nn.Module):
         config: TransformerConfig,
         parallel: ParallelState,
         causal: bool,
-        init_seed: Optional[int] = None,
         layers: Optional[range] = None,
         final_layernorm: bool = True,
     ) -> None:
         super().__init__()
         self.full_recompute = config.recompute_granularity == "full"
-        init_seed = draw_init_seed() if init_seed is None else init_seed
-        built = []
-        for n in range(config.num_layers) if layers is None else layers:
-            with init_rng(init_seed, 1 + n):
-                built.append(ParallelTransformerLayer(config, parallel, causal, layer_number=n))
-        self.layers = nn.ModuleList(built)
+        layers = range(config.num_layers) if layers is None else layers
+        kept = []
+        for n in range(layers.stop):
+            layer = ParallelTransformerLayer(config, parallel, causal, layer_number=n)
+            if n in layers:
+                kept.append(layer)
+        self.layers = nn.ModuleList(kept)
         self.final_layernorm: Optional[LayerNorm] = None
         if final_layernorm:
             self.final_layernorm = LayerNorm(

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,24 +18,6 @@ def gelu(x: Tensor, tanh_form: bool) -> Tensor:
 def init_normal_(weight: Tensor, std: float) -> Tensor:
     """Fill `weight` in place with N(0, std^2) drawn from the default torch generator."""
     return torch.nn.init.normal_(weight, mean=0.0, std=std)
-
-
-def draw_init_seed() -> int:
-    """One draw from the default torch generator: the base seed of a model's initialisation."""
-    return int(torch.randint(0, 2**62, (1,)).item())
-
-
-@contextmanager
-def init_rng(base_seed: int, unit: int) -> Iterator[None]:
-    """Run the block with the default CPU generator seeded base_seed + unit, then restore it.
-
-    A model initialises each unit (0: embedding, 1 + n: transformer layer n, L + 1: the output heads)
-    under its own seed, so a pipeline stage that builds only layers 4..7 draws the same weights for them as
-    a model that builds everything: initialisation does not depend on the pipeline layout.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(base_seed + unit)
-        yield
 
 
 def alibi_slopes(num_heads: int) -> Tensor:
@@ -59,13 +39,14 @@ def alibi_slopes(num_heads: int) -> Tensor:
 # dimension they are split along. Every other parameter is duplicated on all TP ranks.
 _TP_PARTITION_DIMS = {
     "word_embeddings.weight": 0,  # vocabulary rows
-    "self_attention.query_key_value.weight": 0,  # whole heads ([heads, 3, head_dim] rows)
+    "self_attention.query_key_value.weight": 0,  # whole heads ([heads, 3, head_dim] rows) or query groups
     "self_attention.query_key_value.bias": 0,
     "self_attention.dense.weight": 1,  # input columns = this rank's heads
-    "mlp.dense_h_to_4h.weight": 0,
+    "mlp.dense_h_to_4h.weight": 0,  # SwiGLU: [gate slice; up slice] per shard (tools/checkpoint/tp_layout)
     "mlp.dense_h_to_4h.bias": 0,
     "mlp.dense_4h_to_h.weight": 1,
     "lm_head.bias": 0,  # vocabulary entries, like word_embeddings
+    "output_layer.weight": 0,  # untied output layer: vocabulary rows, like word_embeddings
 }
 
 
@@ -78,20 +59,61 @@ def tensor_parallel_dim(param_name: str) -> Optional[int]:
     return None
 
 
+def _layer_terms(
+    hidden_size: int,
+    seq_length: int,
+    ffn_hidden_size: Optional[int],
+    num_attention_heads: Optional[int],
+    kv_channels: Optional[int],
+    num_query_groups: Optional[int],
+    swiglu: bool,
+) -> tuple[float, float]:
+    """(dense, attention core) forward FLOPs of one layer per token, in units of 4 h^2 (module formulas)."""
+    h = hidden_size
+    query = (
+        1.0 if num_attention_heads is None or kv_channels is None else num_attention_heads * kv_channels / h
+    )
+    groups = (
+        1.0
+        if num_query_groups is None or num_attention_heads is None
+        else num_query_groups / num_attention_heads
+    )
+    ffn = 4.0 if ffn_hidden_size is None else ffn_hidden_size / h
+    return (1.0 + groups) * query + ffn * (1.5 if swiglu else 1.0), seq_length / h * query
+
+
 def model_flops(
-    batch_size: int, seq_length: int, num_layers: int, hidden_size: int, vocab_size: int
+    batch_size: int,
+    seq_length: int,
+    num_layers: int,
+    hidden_size: int,
+    vocab_size: int,
+    *,
+    ffn_hidden_size: Optional[int] = None,
+    num_attention_heads: Optional[int] = None,
+    kv_channels: Optional[int] = None,
+    num_query_groups: Optional[int] = None,
+    swiglu: bool = False,
 ) -> float:
     """Model FLOPs of one iteration over `batch_size` sequences (forward + backward, no recompute).
 
-    Megatron's count (Narayanan et al. 2021), matrix multiplications only, with ffn = 4h:
+    Megatron's count (Narayanan et al. 2021; the general form of Megatron-LM's training.py), matrix
+    multiplications only, 2 FLOPs per multiply-add, backward twice the forward. With n heads of size d,
+    G query groups (key/value heads), MLP width f:
 
-        72 B s L h^2 (1 + s / (6 h) + V / (12 L h))
+        12 B s L h^2 ((1 + G/n + s/h) (n d / h) + (f / h) (3/2 if SwiGLU) + V / (2 L h))
 
-    A layer's forward pass costs 24 B s h^2 (QKV 6, attention output 2, MLP 16) + 4 B s^2 h (QK^T and
-    attention x V); the logit layer 2 B s h V; backward costs twice the forward, hence the factor 3.
+    A layer's forward: QKV 2 B s h (n d + 2 G d) (GQA's K and V are G d wide), attention output
+    2 B s n d h, QK^T and attention x V 4 B s^2 n d, MLP 2 B s h f per matrix (SwiGLU has three: gate, up,
+    down; GeLU two); the logit layer 2 B s h V, the same matmul whether its weight is tied to the word
+    embeddings or an untied output layer (untying adds V h parameters, not FLOPs). With the defaults
+    (n d = h, G = n, f = 4 h, GeLU) this is 72 B s L h^2 (1 + s / (6 h) + V / (12 L h)).
     """
     b, s, n_layers, h, v = batch_size, seq_length, num_layers, hidden_size, vocab_size
-    return 72.0 * b * s * n_layers * h * h * (1.0 + s / (6.0 * h) + v / (12.0 * n_layers * h))
+    dense, core = _layer_terms(
+        h, s, ffn_hidden_size, num_attention_heads, kv_channels, num_query_groups, swiglu
+    )
+    return 12.0 * b * s * n_layers * h * h * (dense + core + v / (2.0 * n_layers * h))
 
 
 def hardware_flops(
@@ -101,21 +123,27 @@ def hardware_flops(
     hidden_size: int,
     vocab_size: int,
     recompute_granularity: Optional[str],
+    **shape: Any,
 ) -> float:
     """FLOPs the hardware actually does in one iteration: the model FLOPs plus what activation recompute
-    runs a second time in backward (the logit layer is never recomputed):
+    runs a second time in backward (the logit layer is never recomputed). `shape`: model_flops's keyword
+    arguments (ffn_hidden_size, num_attention_heads, kv_channels, num_query_groups, swiglu). For GPT:
 
         'full':       + one forward of every layer, 24 B s L h^2 (1 + s / (6 h)); in total
                       96 B s L h^2 (1 + s / (6 h) + V / (16 L h))
-        'selective':  + the attention core QK^T and (attention x V), 4 B s^2 L h
+        'selective':  + the attention core QK^T and (attention x V), 4 B s^2 L h (n d / h)
         None:         model_flops(...)
     """
     b, s, n_layers, h = batch_size, seq_length, num_layers, hidden_size
-    flops = model_flops(b, s, n_layers, h, vocab_size)
+    flops = model_flops(b, s, n_layers, h, vocab_size, **shape)
+    terms = _layer_terms(
+        h, s, shape.get("ffn_hidden_size"), shape.get("num_attention_heads"), shape.get("kv_channels"),
+        shape.get("num_query_groups"), shape.get("swiglu", False),
+    )  # fmt: skip
     if recompute_granularity == "full":
-        return flops + 24.0 * b * s * n_layers * h * h * (1.0 + s / (6.0 * h))
+        return flops + 4.0 * b * s * n_layers * h * h * (terms[0] + terms[1])
     if recompute_granularity == "selective":
-        return flops + 4.0 * b * s * s * n_layers * h
+        return flops + 4.0 * b * s * n_layers * h * h * terms[1]
     if recompute_granularity is None:
         return flops
     raise ValueError(

@@ -18,6 +18,7 @@ import contextlib
 import sys
 
 import torch
+from torch import nn
 
 from megatron.arguments import (
     CHECKPOINT_MODEL_ARGS,
@@ -27,7 +28,7 @@ from megatron.arguments import (
 )
 from megatron.checkpointing import CheckpointError, load_args_from_checkpoint, load_checkpoint
 from megatron.initialize import initialize_megatron
-from megatron.model import GPTModel
+from megatron.model import GPTModel, TransformerConfig
 from megatron.parallel.pipeline_layout import stage_layouts
 from megatron.parallel.state import ParallelState
 from megatron.text_generation.pipelined import PipelinedGPT
@@ -116,6 +117,29 @@ def inference_args(cli: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def build_inference_model(
+    config: TransformerConfig, args: argparse.Namespace, parallel: ParallelState
+) -> nn.Module:
+    """The GPTModel with full-vocabulary logits, or under PP this rank's stage of it in a PipelinedGPT
+    (which returns the same logits on every stage); load weights into `inference_stage(model)`."""
+    if parallel.pp_size == 1:
+        return GPTModel(config, parallel, parallel_output=False)
+    layout = stage_layouts(
+        args.num_layers,
+        parallel.pp_size,
+        first=getattr(args, "decoder_first_pipeline_num_layers", None),
+        last=getattr(args, "decoder_last_pipeline_num_layers", None),
+    )[parallel.pp_rank][0]
+    stage = GPTModel(config, parallel, parallel_output=False, stage=layout)
+    positions = args.max_position_embeddings if args.position_embedding_type == "learned_absolute" else None
+    return PipelinedGPT(stage, parallel, args.hidden_size, config.padded_vocab_size, positions)
+
+
+def inference_stage(model: nn.Module) -> nn.Module:
+    """The module whose state dict a checkpoint holds: the stage inside a PipelinedGPT, else the model."""
+    return model.stage_model if isinstance(model, PipelinedGPT) else model
+
+
 def load_model_for_inference(
     args: argparse.Namespace,
 ) -> tuple[GPTModel, AbstractTokenizer, ParallelState]:
@@ -132,27 +156,13 @@ def load_model_for_inference(
             f"{args.padded_vocab_size} rows: is --vocab-file the one the model was trained with?"
         )
     parallel = initialize_megatron(args)
-    config = transformer_config_from_args(args)
-    if parallel.pp_size == 1:
-        model = GPTModel(config, parallel, parallel_output=False)
-    else:
-        layout = stage_layouts(
-            args.num_layers,
-            parallel.pp_size,
-            first=args.decoder_first_pipeline_num_layers,
-            last=args.decoder_last_pipeline_num_layers,
-        )[parallel.pp_rank][0]
-        stage = GPTModel(config, parallel, parallel_output=False, stage=layout)
-        positions = (
-            args.max_position_embeddings if args.position_embedding_type == "learned_absolute" else None
-        )
-        model = PipelinedGPT(stage, parallel, args.hidden_size, args.padded_vocab_size, positions)
+    model = build_inference_model(transformer_config_from_args(args), args, parallel)
     model = model.to(dtype=args.params_dtype)
     if torch.cuda.is_available():
         model = model.cuda()
     with contextlib.redirect_stdout(sys.stderr):
         load_checkpoint(
-            getattr(model, "stage_model", model), None, None, args.load, parallel,
+            inference_stage(model), None, None, args.load, parallel,
             no_load_optim=True, no_load_rng=True, finetune=True,
         )  # fmt: skip
     return model.eval(), tokenizer, parallel

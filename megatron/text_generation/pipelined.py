@@ -7,7 +7,8 @@ runs one microbatch through the pipeline:
     stage 0:   x = embedding + its layers           -> send x to stage 1
     stage s:   receive x [batch, seq, hidden]; x = its layers(x)   -> send to stage s + 1
     last:      logits [batch, seq, V] = output layer(final layernorm(its layers(x)))
-    then every stage gets the last stage's logits (one broadcast over the pipeline group)
+               (or, given labels, the per-token losses [batch, seq])
+    then every stage gets the last stage's result (one broadcast over the pipeline group)
 
 so every rank of the pipeline returns the same full logits, the generation loop runs unchanged on every
 rank, and each stage keeps the KV cache of its own layers in `inference_params`. The shapes of the
@@ -52,17 +53,22 @@ class PipelinedGPT(nn.Module):
         tokens: Tensor,
         position_ids: Tensor,
         attention_mask: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
         inference_params: Optional[InferenceParams] = None,
     ) -> Tensor:
-        """tokens, position_ids [batch, seq] -> full-vocabulary logits [batch, seq, V] on every stage."""
+        """tokens, position_ids [batch, seq] -> full-vocabulary logits [batch, seq, V] on every stage, or
+        with `labels` the fp32 per-token losses [batch, seq] (as GPTModel.forward)."""
         parallel = self.parallel
         dtype = next(self.stage_model.parameters()).dtype
         p2p = P2PConfig((*tokens.shape, self.hidden_size), dtype, tokens.device)
         if not parallel.is_pp_first:
             self.stage_model.set_input_tensor(communicate(parallel, p2p, recv_prev=True)[0])
-        output = self.stage_model(tokens, position_ids, attention_mask, inference_params=inference_params)
+        output = self.stage_model(tokens, position_ids, attention_mask, labels, inference_params)
         if not parallel.is_pp_last:
             communicate(parallel, p2p, send_next=output)
-            output = torch.empty((*tokens.shape, self.padded_vocab_size), dtype=dtype, device=tokens.device)
+            shape = tokens.shape if labels is not None else (*tokens.shape, self.padded_vocab_size)
+            output = torch.empty(
+                shape, dtype=torch.float32 if labels is not None else dtype, device=tokens.device
+            )
         dist.broadcast(output, src=parallel.pipeline_ranks[-1], group=parallel.pp_group)
         return output
