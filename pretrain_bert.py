@@ -23,13 +23,18 @@ from megatron.parallel.pipeline_layout import StageLayout
 from megatron.parallel.state import ParallelState
 from megatron.run_state import RunState
 from megatron.tokenizer import build_tokenizer
-from megatron.training import pretrain
+from megatron.training import TrainingError, pretrain
 
 
 def model_provider(
     args: argparse.Namespace, parallel: ParallelState, run: RunState, stage: Optional[StageLayout] = None
 ) -> nn.Module:
     """The whole BERT, or the pipeline stage `stage` of it."""
+    if args.untie_embeddings_and_output_weights:
+        raise TrainingError(
+            "--untie-embeddings-and-output-weights: BERT's masked-LM head always uses the word embeddings "
+            "(as in Megatron-LM); drop the flag"
+        )
     config = transformer_config_from_args(args, run.padded_vocab_size)
     config.num_tokentypes = 2
     config.add_binary_head = args.bert_binary_head

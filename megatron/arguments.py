@@ -16,6 +16,7 @@ from typing import Callable, NoReturn, Optional
 
 import torch
 
+from megatron.arguments_llama import add_llama_args, validate_llama_args
 from megatron.compat_args import add_compat_args, check_compat_args
 from megatron.model.config import TransformerConfig
 from megatron.parallel.pipeline_layout import check_pipeline_args
@@ -32,6 +33,14 @@ CHECKPOINT_MODEL_ARGS = (
     "kv_channels",
     "max_position_embeddings",
     "position_embedding_type",
+    "rotary_base",
+    "rotary_percent",
+    "normalization",
+    "swiglu",
+    "group_query_attention",
+    "num_query_groups",
+    "add_bias_linear",
+    "untie_embeddings_and_output_weights",
     "embedding_layernorm",
     "apply_residual_connection_post_layernorm",
     "fp32_residual_connection",
@@ -61,6 +70,7 @@ def build_parser(extra_args_provider: Optional[ExtraArgsProvider] = None) -> arg
     """All of Megatron's flags that this project implements, grouped as in Megatron's --help."""
     parser = ArgumentParser(description="Megatron-style GPT/BERT pretraining arguments", allow_abbrev=False)
     _add_network_args(parser)
+    add_llama_args(parser)
     _add_regularization_args(parser)
     _add_training_args(parser)
     _add_initialization_args(parser)
@@ -90,9 +100,9 @@ def _add_network_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--position-embedding-type",
-        choices=["learned_absolute", "alibi"],
+        choices=["learned_absolute", "rope", "alibi"],
         default="learned_absolute",
-        help="Learned absolute position embeddings, or BLOOM's ALiBi attention biases.",
+        help="Learned absolute position embeddings, rotary (RoPE), or BLOOM's ALiBi attention biases.",
     )
     g.add_argument(
         "--embedding-layernorm", action="store_true", help="BLOOM: layernorm after the word embeddings."
@@ -145,6 +155,7 @@ def _check_model_args(args: argparse.Namespace, fail: Callable[[str], NoReturn])
             f"--num-attention-heads {args.num_attention_heads} is not divisible by "
             f"--tensor-model-parallel-size {tp}"
         )
+    validate_llama_args(args, fail)
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
     if args.ffn_hidden_size % tp != 0:
@@ -451,6 +462,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
             "BertWordPieceCase",
             "SentencePieceTokenizer",
             "HuggingFaceTokenizer",
+            "Llama2Tokenizer",
             "NullTokenizer",
         ],
         default=None,
@@ -506,6 +518,7 @@ def _check_data_args(args: argparse.Namespace, fail: Callable[[str], NoReturn], 
         "BertWordPieceCase": ("vocab_file",),
         "SentencePieceTokenizer": ("tokenizer_model",),
         "HuggingFaceTokenizer": ("tokenizer_model",),
+        "Llama2Tokenizer": ("tokenizer_model",),
         "NullTokenizer": ("vocab_size",),
     }[args.tokenizer_type]
     for flag in needs:
@@ -659,6 +672,13 @@ def transformer_config_from_args(
         openai_gelu=args.openai_gelu,
         bias_gelu_fusion=args.bias_gelu_fusion,
         position_embedding_type=args.position_embedding_type,
+        rotary_base=args.rotary_base,
+        rotary_percent=args.rotary_percent,
+        normalization=args.normalization,
+        swiglu=args.swiglu,
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
+        add_bias_linear=args.add_bias_linear,
+        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         embedding_layernorm=args.embedding_layernorm,
         recompute_granularity=args.recompute_granularity,
         params_dtype=args.params_dtype,

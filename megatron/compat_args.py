@@ -60,10 +60,6 @@ RENAMED_SWITCHES = {
 UNSUPPORTED = {
     "--sequence-parallel": "sequence parallelism is not implemented (tensor and data parallelism only)",
     "--use-distributed-optimizer": "the ZeRO-style distributed optimizer is not implemented",
-    "--swiglu": "the MLP is GeLU only",
-    "--untie-embeddings-and-output-weights": "the output layer is always tied to the word embeddings",
-    "--use-rotary-position-embeddings": "positions are learned absolute or ALiBi",
-    "--group-query-attention": "attention is multi-head (every head has its own keys and values)",
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import os
 
@@ -40,6 +41,7 @@ def initialize_megatron(args: argparse.Namespace) -> ParallelState:
                 world_size=world_size,
                 timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes),
             )
+            atexit.register(_leave_process_group)
         parallel = initialize_model_parallel(
             args.tensor_model_parallel_size, args.pipeline_model_parallel_size
         )
@@ -47,3 +49,19 @@ def initialize_megatron(args: argparse.Namespace) -> ParallelState:
         parallel = single_process_state()
     model_parallel_seed(args.seed, parallel)
     return parallel
+
+
+def _leave_process_group() -> None:
+    """At exit, wait for the other ranks (gloo: monitored_barrier, at most 60 s) and destroy the process group
+    while the interpreter is still whole. A rank whose peers have already closed their connections, or that is
+    torn down with the group alive, can otherwise abort in gloo's threads ("terminate called without an active
+    exception") after a successful run. When a peer never arrives (it failed), the group is left to the
+    launcher."""
+    if not dist.is_initialized():
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+    except RuntimeError:
+        return
+    dist.destroy_process_group()

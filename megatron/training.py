@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron.arguments import ExtraArgsProvider, parse_args
+from megatron.arguments_llama import flops_shape
 from megatron.checkpointing import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from megatron.data.samplers import build_data_loader
 from megatron.distributed import DistributedDataParallel
@@ -460,7 +461,7 @@ def _train_loop(
         global_batch = calculator.current_global_batch_size
         flops = hardware_flops(
             global_batch, args.seq_length, args.num_layers, args.hidden_size, run.padded_vocab_size,
-            args.recompute_granularity,
+            args.recompute_granularity, **flops_shape(args),
         )  # fmt: skip
         losses = train_iteration(forward_step, train_iter, model, optimizer, scheduler, global_batch, args,
                                  parallel, run, logger, flops)  # fmt: skip

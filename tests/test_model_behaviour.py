@@ -255,7 +255,7 @@ def test_fp32_residual_connection_with_bf16_parameters() -> None:
         ({"padded_vocab_size": 66}, 4, "padded vocabulary size"),
         ({"ffn_hidden_size": 98}, 4, "--ffn-hidden-size"),
         ({"recompute_granularity": "layers"}, 1, "--recompute-granularity"),
-        ({"position_embedding_type": "rope"}, 1, "--position-embedding-type"),
+        ({"position_embedding_type": "xpos"}, 1, "--position-embedding-type"),
     ],
 )
 def test_config_errors_name_the_flag(overrides: dict, tp: int, message: str) -> None:

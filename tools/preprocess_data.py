@@ -4,8 +4,17 @@
         --tokenizer-type GPT2BPETokenizer --vocab-file gpt2-vocab.json --merge-file gpt2-merges.txt \\
         --append-eod --workers 2
 
-Input: one JSON object per line (a `.gz` file is read through gzip). For each `--json-keys` key (default
-`text`) the value is a string, or a list of strings taken as already-split sentences.
+Input: one or more files (`--input a.jsonl b.jsonl.gz 'shards/*.jsonl'`, a quoted pattern is expanded as
+Megatron-LM does with glob), read in the order given, one JSON object per line (a `.gz` file is read through
+gzip). For each `--json-keys` key (default `text`) the value is a string, or a list of strings taken as
+already-split sentences.
+
+`--partitions N` (Megatron-LM's flag) cuts the documents into N contiguous partitions (whole files when
+there are at least N files, else equal runs of lines) that are tokenized by N processes with
+`--workers / N` workers each, then merged into the one output; the bytes equal a run without partitions.
+`--partition-index i` (an addition, for running partitions on separate machines, see
+scripts/preprocess_data.sbatch) tokenizes only partition i into `{output_prefix}-{i:05d}-of-{N:05d}_{key}_...`;
+`tools/merge_datasets.py` then concatenates the partitions of a folder in order.
 
 Output, per key: `{output_prefix}_{key}_document.bin/.idx`, or `..._sentence.bin/.idx` with
 `--split-sentences`. Semantics, per JSON line (= one document) and key, as in Megatron-LM:
@@ -28,11 +37,14 @@ A malformed line, a missing key or a bad file ends the run with a message naming
 from __future__ import annotations
 
 import argparse
+import glob
 import gzip
 import json
 import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -64,7 +76,12 @@ def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_tokenizer_args(parser)
     group = parser.add_argument_group(title="input data")
-    group.add_argument("--input", required=True, help="Path to the input JSONL file (.gz allowed).")
+    group.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        help="Input JSONL files or glob patterns (.gz allowed), in order.",
+    )
     group.add_argument(
         "--json-keys", nargs="+", default=["text"], help="JSON keys to extract, space separated."
     )
@@ -82,10 +99,17 @@ def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     group = parser.add_argument_group(title="runtime")
     group.add_argument("--workers", type=int, default=1, help="Number of worker processes.")
     group.add_argument("--log-interval", type=int, default=1000, help="Documents between progress lines.")
+    group.add_argument("--partitions", type=int, default=1, help="Number of partitions of the input.")
+    group.add_argument(
+        "--partition-index", type=int, default=None, help="Only tokenize this partition (multi-node runs)."
+    )
     args = parser.parse_args(argv)
 
-    if not os.path.isfile(args.input):
-        parser.error(f"--input: no such file: {args.input}")
+    args.input = expand_inputs(parser, args.input)
+    if args.partitions < 1:
+        parser.error(f"--partitions must be >= 1 (got {args.partitions})")
+    if args.partition_index is not None and not 0 <= args.partition_index < args.partitions:
+        parser.error(f"--partition-index must be in [0, {args.partitions}) (got {args.partition_index})")
     if args.workers < 1:
         parser.error(f"--workers must be >= 1 (got {args.workers})")
     if args.log_interval < 1:
@@ -100,6 +124,17 @@ def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+def expand_inputs(parser: argparse.ArgumentParser, patterns: list[str]) -> list[str]:
+    """The input files: each argument as is when it names a file, else its sorted glob matches."""
+    paths = []
+    for pattern in patterns:
+        matches = [pattern] if os.path.isfile(pattern) else sorted(glob.glob(pattern))
+        if not matches:
+            parser.error(f"--input: no such file: {pattern}")
+        paths.extend(matches)
+    return paths
+
+
 class DocumentEncoder:
     """Turns one JSONL line into token ids per key (the per-document rule in the module doc)."""
 
@@ -109,16 +144,14 @@ class DocumentEncoder:
         tokenizer: AbstractTokenizer,
         splitter: Optional[SentenceSplitter],
     ) -> None:
-        self.input = args.input
         self.json_keys = list(args.json_keys)
         self.append_eod = args.append_eod
         self.tokenizer = tokenizer
         self.splitter = splitter
         self.dtype = best_fitting_dtype(tokenizer.vocab_size)
 
-    def encode(self, line_number: int, raw: bytes) -> Union[EncodedDocument, str]:
-        """The document on `raw` (line `line_number` of the input) -> EncodedDocument, or an error message."""
-        where = f"{self.input}:{line_number}"
+    def encode(self, where: str, raw: bytes) -> Union[EncodedDocument, str]:
+        """The document on `raw` (at `where`, "file:line") -> EncodedDocument, or an error message."""
         try:
             record = json.loads(raw)
         except UnicodeDecodeError as error:
@@ -180,13 +213,13 @@ def _init_worker(args: argparse.Namespace) -> None:
     _worker_encoder = DocumentEncoder(args, build_tokenizer(args), make_splitter(args))
 
 
-def _encode_in_worker(item: tuple[int, bytes, Optional[str]]) -> WorkerResult:
-    line_number, raw, read_error = item
+def _encode_in_worker(item: tuple[str, bytes, Optional[str]]) -> WorkerResult:
+    where, raw, read_error = item
     if read_error is not None:
         return 0, read_error
     if _worker_encoder is None:
         raise RuntimeError("_encode_in_worker ran in a process that _init_worker did not set up")
-    return len(raw), _worker_encoder.encode(line_number, raw)
+    return len(raw), _worker_encoder.encode(where, raw)
 
 
 def open_input(path: str) -> IO[bytes]:
@@ -194,15 +227,47 @@ def open_input(path: str) -> IO[bytes]:
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # noqa: SIM115
 
 
-def numbered_lines(path: str, file: IO[bytes]) -> Iterator[tuple[int, bytes, Optional[str]]]:
-    """(line number, line, None) for each non-blank line; a read error becomes a final (n, b"", message)."""
+def numbered_lines(path: str, file: IO[bytes]) -> Iterator[tuple[str, bytes, Optional[str]]]:
+    """("file:line", line, None) per non-blank line; a read error becomes a final ("file:n", b"", message)."""
     line_number = 0
     try:
         for line_number, line in enumerate(file, start=1):  # noqa: B007 - used after the loop on error
             if line.strip():
-                yield line_number, line, None
+                yield f"{path}:{line_number}", line, None
     except (OSError, EOFError) as error:
-        yield line_number + 1, b"", f"{path}:{line_number + 1}: cannot read the input: {error}"
+        where = f"{path}:{line_number + 1}"
+        yield where, b"", f"{where}: cannot read the input: {error}"
+
+
+def input_documents(paths: list[str], first: int = 0, stop: Optional[int] = None) -> Iterator:
+    """numbered_lines of every file in turn, only the non-blank lines numbered [first, stop) over all files."""
+    count = 0
+    for path in paths:
+        try:
+            file = open_input(path)
+        except OSError as error:  # reported by the consumer, like a read error
+            yield path, b"", f"--input {path}: {error}"
+            return
+        with file:
+            for item in numbered_lines(path, file):
+                if stop is not None and count >= stop:
+                    return
+                if count >= first or item[2] is not None:
+                    yield item
+                count += 1
+
+
+def partition_documents(paths: list[str], partitions: int, index: int) -> Iterator:
+    """The documents of partition `index`: a contiguous block of files when there are at least
+    `partitions` files, else a contiguous run of lines (the files are counted through once first)."""
+    if partitions == 1:
+        return input_documents(paths)
+    if len(paths) >= partitions:
+        return input_documents(
+            paths[index * len(paths) // partitions : (index + 1) * len(paths) // partitions]
+        )
+    total = sum(1 for item in input_documents(paths) if item[2] is None)
+    return input_documents(paths, index * total // partitions, (index + 1) * total // partitions)
 
 
 class BoundedFeed:
@@ -232,10 +297,10 @@ class BoundedFeed:
         self._slots.release()
 
 
-def output_prefixes(args: argparse.Namespace) -> dict[str, str]:
+def output_prefixes(args: argparse.Namespace, output_prefix: Optional[str] = None) -> dict[str, str]:
     """{json key: dataset prefix}: `{output_prefix}_{key}_{document|sentence}`."""
     level = "sentence" if args.split_sentences else "document"
-    return {key: f"{args.output_prefix}_{key}_{level}" for key in args.json_keys}
+    return {key: f"{output_prefix or args.output_prefix}_{key}_{level}" for key in args.json_keys}
 
 
 def check_setup(args: argparse.Namespace) -> AbstractTokenizer:
@@ -284,30 +349,18 @@ class ProgressLog:
         )
 
 
-def preprocess(args: argparse.Namespace) -> dict[str, str]:
-    """Run the whole conversion; return {json key: output dataset prefix}. Raises SystemExit on bad input."""
-    tokenizer = check_setup(args)
-    if tokenizer.name.startswith("Bert") and not args.split_sentences:
-        print("note: BERT data is usually built with --split-sentences", file=sys.stderr)
-    dtype = best_fitting_dtype(tokenizer.vocab_size)
-    prefixes = output_prefixes(args)
+def tokenize(args: argparse.Namespace, documents: Iterable, prefixes: dict[str, str], workers: int) -> None:
+    """Tokenize `documents` (input_documents items) into the datasets `prefixes` with `workers` processes."""
+    dtype = best_fitting_dtype(build_tokenizer(args).vocab_size)
     progress = ProgressLog(args.log_interval)
     skipped = dict.fromkeys(prefixes, 0)
-    try:
-        input_file = open_input(args.input)
-    except OSError as error:
-        raise SystemExit(f"error: --input {args.input}: {error}") from None
-
     with ExitStack() as stack:
-        stack.enter_context(input_file)
         builders = {
             key: stack.enter_context(IndexedDatasetBuilder(data_file_path(prefix), dtype=dtype))
             for key, prefix in prefixes.items()
         }
-        feed = BoundedFeed(numbered_lines(args.input, input_file), capacity=4 * CHUNKSIZE * args.workers)
-        pool = stack.enter_context(
-            multiprocessing.Pool(args.workers, initializer=_init_worker, initargs=(args,))
-        )
+        feed = BoundedFeed(documents, capacity=4 * CHUNKSIZE * workers)
+        pool = stack.enter_context(multiprocessing.Pool(workers, initializer=_init_worker, initargs=(args,)))
         stack.callback(feed.stop)  # runs before the pool is terminated, so its feeder thread can finish
         for n_bytes, document in pool.imap(_encode_in_worker, feed, CHUNKSIZE):
             feed.consumed()
@@ -326,6 +379,60 @@ def preprocess(args: argparse.Namespace) -> dict[str, str]:
     for key, prefix in prefixes.items():
         note = f" ({skipped[key]} empty documents skipped)" if skipped[key] else ""
         print(f"wrote {data_file_path(prefix)} and {index_file_path(prefix)}{note}")
+
+
+def partition_prefix(output_prefix: str, index: int, partitions: int) -> str:
+    return f"{output_prefix}-{index:05d}-of-{partitions:05d}"
+
+
+def _run_partition(args: argparse.Namespace, index: int, prefixes: dict[str, str], workers: int) -> None:
+    tokenize(args, partition_documents(args.input, args.partitions, index), prefixes, workers)
+
+
+def tokenize_partitions(args: argparse.Namespace, prefixes: dict[str, str]) -> None:
+    """All partitions at once, one process each, into a temporary folder; then merged into `prefixes`."""
+    from tools.merge_datasets import merge
+
+    folder = tempfile.mkdtemp(prefix=".partitions.", dir=os.path.dirname(os.path.abspath(args.output_prefix)))
+    try:
+        parts = []
+        for index in range(args.partitions):
+            prefix = partition_prefix(os.path.join(folder, "part"), index, args.partitions)
+            part = {key: f"{prefix}_{key}" for key in prefixes}
+            workers = max(1, args.workers // args.partitions)
+            parts.append(
+                (multiprocessing.Process(target=_run_partition, args=(args, index, part, workers)), part)
+            )
+            parts[-1][0].start()
+        for process, _ in parts:
+            process.join()
+        failed = [i for i, (process, _) in enumerate(parts) if process.exitcode != 0]
+        if failed:
+            raise SystemExit(f"error: partitions {failed} failed (their messages are above)")
+        for key, prefix in prefixes.items():
+            merge([part[key] for _, part in parts], prefix)
+            print(
+                f"merged {args.partitions} partitions into {data_file_path(prefix)} and {index_file_path(prefix)}"
+            )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def preprocess(args: argparse.Namespace) -> dict[str, str]:
+    """Run the whole conversion; return {json key: output dataset prefix}. Raises SystemExit on bad input."""
+    tokenizer = check_setup(args)
+    if tokenizer.name.startswith("Bert") and not args.split_sentences:
+        print("note: BERT data is usually built with --split-sentences", file=sys.stderr)
+    if args.partition_index is not None:
+        prefix = partition_prefix(args.output_prefix, args.partition_index, args.partitions)
+        prefixes = output_prefixes(args, prefix)
+        _run_partition(args, args.partition_index, prefixes, args.workers)
+    elif args.partitions > 1:
+        prefixes = output_prefixes(args)
+        tokenize_partitions(args, prefixes)
+    else:
+        prefixes = output_prefixes(args)
+        tokenize(args, input_documents(args.input), prefixes, args.workers)
     return prefixes
 
 

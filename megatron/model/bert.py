@@ -69,6 +69,10 @@ class BertModel(nn.Module):
         stage: Optional[StageLayout] = None,
     ) -> None:
         super().__init__()
+        if config.untie_embeddings_and_output_weights:
+            raise ValueError(
+                "--untie-embeddings-and-output-weights: BERT's LM head is tied to the word embeddings"
+            )
         self.parallel = parallel
         self.parallel_output = parallel_output
         self.language_model = TransformerLanguageModel(

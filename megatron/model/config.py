@@ -11,7 +11,8 @@ import torch
 
 @dataclass
 class TransformerConfig:
-    """Shape and numerics of a GPT or BERT model (field names follow Megatron-LM's argument names).
+    """Shape and numerics of a GPT or BERT model (field names follow Megatron-LM's argument names),
+    including the Llama family's RoPE, RMSNorm, SwiGLU, grouped-query attention, untied and bias-free layers.
 
     `padded_vocab_size` is the tokenizer's vocabulary padded to a multiple of
     `make_vocab_size_divisible_by * tensor_model_parallel_size` (see megatron.tokenizer).
@@ -32,7 +33,14 @@ class TransformerConfig:
     fp32_residual_connection: bool = False
     openai_gelu: bool = False
     bias_gelu_fusion: bool = False  # Megatron's fused bias+GeLU uses the tanh approximation
-    position_embedding_type: str = "learned_absolute"  # or "alibi"
+    position_embedding_type: str = "learned_absolute"  # or "alibi", "rope"
+    rotary_base: int = 10000  # RoPE: theta_i = position / rotary_base^(2 i / rotary_dim)
+    rotary_percent: float = 1.0  # RoPE rotates the first rotary_percent x kv_channels dims of each head
+    normalization: str = "LayerNorm"  # or "RMSNorm"
+    swiglu: bool = False  # MLP silu(X A_gate) * (X A_up) B instead of GeLU(X A) B
+    num_query_groups: Optional[int] = None  # grouped-query attention: key/value heads (default: all heads)
+    add_bias_linear: bool = True  # False: no biases in the attention and MLP linear layers
+    untie_embeddings_and_output_weights: bool = False  # own output_layer instead of the word embeddings
     embedding_layernorm: bool = False  # BLOOM's layernorm right after the word embeddings
     num_tokentypes: int = 0  # 2 for BERT
     add_binary_head: bool = True  # BERT's next-sentence head
@@ -44,6 +52,8 @@ class TransformerConfig:
             self.ffn_hidden_size = 4 * self.hidden_size
         if self.kv_channels is None:
             self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
 
     @property
     def gelu_tanh(self) -> bool:

@@ -3,7 +3,11 @@
 The word embedding table is split over the vocabulary across TP ranks (rank r holds rows
 r * V/p .. (r + 1) * V/p - 1); position and token-type embeddings are small and duplicated on every rank.
 The output layer reuses the word embedding table (tied weights), so the logits come out split over the
-vocabulary as well and the loss is computed without gathering them (vocab-parallel cross entropy).
+vocabulary as well and the loss is computed without gathering them (vocab-parallel cross entropy). With
+--untie-embeddings-and-output-weights the language model owns a separate `output_layer` [V/p, h], split
+over the vocabulary the same way (column-parallel, no bias; Megatron's `language_model.output_layer`).
+With RoPE there are no position embeddings: the language model turns the position ids into the rotary
+angles that every attention layer applies to its queries and keys.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatron.model.config import TransformerConfig
+from megatron.model.rotary import RotaryEmbedding
 from megatron.model.transformer import InferenceParams, LayerNorm, ParallelTransformer, check_config
 from megatron.model.utils import init_normal_
-from megatron.parallel.layers import VocabParallelEmbedding
+from megatron.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from megatron.parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_tensor_model_parallel_region,
@@ -141,16 +146,29 @@ class TransformerLanguageModel(nn.Module):
         super().__init__()
         check_config(config, parallel)
         self.stage = StageLayout.whole(config.num_layers) if stage is None else stage
+        pre, post = self.stage.pre_process, self.stage.post_process
         embedding = Embedding(config, parallel)
-        self.embedding: Optional[Embedding] = embedding if self.stage.pre_process else None
-        tied_copy = self.stage.post_process and not self.stage.pre_process
+        self.embedding: Optional[Embedding] = embedding if pre else None
+        self.tied_output = not config.untie_embeddings_and_output_weights
+        tied_copy = post and not pre and self.tied_output
         self._drawn_word_embeddings = [embedding.word_embeddings] if tied_copy else []
-        self.encoder = ParallelTransformer(
-            config, parallel, causal, self.stage.layers, self.stage.post_process
-        )
-        self.pooler: Optional[Pooler] = None
-        if add_pooler and self.stage.post_process:
-            self.pooler = Pooler(config)
+        self.rotary_pos_emb: Optional[RotaryEmbedding] = None
+        if config.position_embedding_type == "rope":  # on every stage: each layer rotates its q and k
+            self.rotary_pos_emb = RotaryEmbedding(
+                config.kv_channels, config.rotary_percent, config.rotary_base
+            )
+        self.encoder = ParallelTransformer(config, parallel, causal, self.stage.layers, post)
+        self.pooler: Optional[Pooler] = Pooler(config) if add_pooler and post else None
+        self.output_layer: Optional[ColumnParallelLinear] = None
+        if config.untie_embeddings_and_output_weights and post:
+            self.output_layer = ColumnParallelLinear(
+                config.hidden_size,
+                config.padded_vocab_size,
+                parallel=parallel,
+                bias=False,
+                init_std=config.init_method_std,
+                params_dtype=config.params_dtype,
+            )
         self.input_tensor: Optional[Tensor] = None
 
     def take_drawn_word_embeddings(self) -> VocabParallelEmbedding:
@@ -160,6 +178,13 @@ class TransformerLanguageModel(nn.Module):
     def set_input_tensor(self, input_tensor: Optional[Tensor]) -> None:
         """The hidden states [batch, seq, h] from the previous pipeline stage, used by the next forward."""
         self.input_tensor = input_tensor
+
+    def output_weight(self) -> Tensor:
+        """This rank's vocabulary slice [V/p, h] of the output layer: output_layer's, or the word embeddings'
+        when tied (on the whole model or a stage holding the embedding)."""
+        if self.output_layer is not None:
+            return self.output_layer.weight
+        return self.embedding.word_embeddings.weight
 
     def forward(
         self,
@@ -185,7 +210,12 @@ class TransformerLanguageModel(nn.Module):
             )
         else:
             x = self.input_tensor
-        hidden = self.encoder(x, allowed, inference_params)
+        rotary = None
+        if self.rotary_pos_emb is not None:
+            if position_ids is None:
+                raise ValueError("position_ids are required with rotary position embeddings")
+            rotary = self.rotary_pos_emb(position_ids)
+        hidden = self.encoder(x, allowed, inference_params, rotary)
         pooled = self.pooler(hidden) if self.pooler is not None else None
         return hidden, pooled
 
@@ -201,12 +231,12 @@ def word_embeddings_for_head(language_model: TransformerLanguageModel) -> VocabP
 
 
 def output_embedding_weight(model: nn.Module) -> Tensor:
-    """The tied output-layer weight of a GPT/BERT last stage: its own word embeddings when it also holds
-    the embedding, else its `word_embeddings_for_head` copy."""
-    embedding = model.language_model.embedding
-    return (
-        embedding.word_embeddings.weight if embedding is not None else model.word_embeddings_for_head.weight
-    )
+    """The output-layer weight of a GPT/BERT last stage: the untied output layer's, its own word
+    embeddings when it also holds the embedding, else its `word_embeddings_for_head` copy."""
+    language_model = model.language_model
+    if language_model.output_layer is not None or language_model.embedding is not None:
+        return language_model.output_weight()
+    return model.word_embeddings_for_head.weight
 
 
 def mark_pipeline_tied(model: nn.Module) -> None:
@@ -214,6 +244,8 @@ def mark_pipeline_tied(model: nn.Module) -> None:
     stage's input embedding and the last stage's `word_embeddings_for_head` (gradients all-reduced over
     the embedding group)."""
     stage = model.language_model.stage
+    if not model.language_model.tied_output or (stage.pre_process and stage.post_process):
+        return  # an untied output layer, or both ends on this stage: nothing crosses stages
     if stage.pre_process and not stage.post_process:
         model.language_model.embedding.word_embeddings.weight.pipeline_tied = True
     if stage.post_process and not stage.pre_process:

@@ -14,6 +14,11 @@ kernels; the maths is the same and batch-first reads more naturally). With p ten
                 heads, and the output projection is a RowParallelLinear (heads * head_dim -> h): again one
                 all-reduce forward (g) and one backward (f).
 
+Llama-family variants keep this structure: SwiGLU's gate and up projections are one column-parallel layer
+whose shard on rank r is [gate_r; up_r]; grouped-query attention orders the QKV rows per query group, and
+the G groups (not the heads) are split over ranks; RoPE rotates each rank's queries and keys locally;
+RMSNorm replaces LayerNorm where --normalization RMSNorm.
+
 So a layer does exactly two all-reduces in forward and two in backward. Layernorm, hidden dropout and the
 residual additions are duplicated on every TP rank (they see identical inputs and use the same RNG
 stream); attention dropout acts on this rank's heads only, so it draws from the TP-rank-specific stream of
@@ -40,13 +45,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatron.model.config import TransformerConfig
+from megatron.model.norms import RMSNorm
+from megatron.model.rotary import apply_rotary_pos_emb, rotary_dim
 from megatron.model.utils import alibi_slopes, gelu
 from megatron.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.parallel.random import checkpoint, get_rng_tracker
 from megatron.parallel.state import ParallelState
 
 RECOMPUTE_GRANULARITIES = (None, "full", "selective")
-POSITION_EMBEDDING_TYPES = ("learned_absolute", "alibi")
+POSITION_EMBEDDING_TYPES = ("learned_absolute", "alibi", "rope")
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 
 
 def check_config(config: TransformerConfig, parallel: ParallelState) -> None:
@@ -74,13 +82,47 @@ def check_config(config: TransformerConfig, parallel: ParallelState) -> None:
         raise ValueError(
             f"--position-embedding-type must be one of {POSITION_EMBEDDING_TYPES}, got {config.position_embedding_type!r}"
         )
+    check_llama_config(config, parallel)
+
+
+def check_llama_config(config: TransformerConfig, parallel: ParallelState) -> None:
+    """ValueError, naming the flag, for grouped-query attention, RoPE or normalisation settings that
+    cannot be built: heads not divisible by groups, groups not divisible by TP, an odd or empty rotary
+    dimension, --rotary-percent outside (0, 1], an unknown --normalization."""
+    heads, groups, tp = config.num_attention_heads, config.num_query_groups, parallel.tp_size
+    if groups < 1 or heads % groups != 0:
+        raise ValueError(
+            f"--num-attention-heads ({heads}) must be divisible by --num-query-groups ({groups})"
+        )
+    if groups % tp != 0:
+        raise ValueError(
+            f"--num-query-groups ({groups}) must be divisible by --tensor-model-parallel-size ({tp})"
+        )
+    if config.normalization not in NORMALIZATIONS:
+        raise ValueError(f"--normalization must be one of {NORMALIZATIONS}, got {config.normalization!r}")
+    if config.position_embedding_type != "rope":
+        return
+    if not 0.0 < config.rotary_percent <= 1.0:
+        raise ValueError(f"--rotary-percent must be in (0, 1], got {config.rotary_percent}")
+    dim = rotary_dim(config.kv_channels, config.rotary_percent)
+    if dim <= 0 or dim % 2 != 0:
+        raise ValueError(
+            f"rotary position embeddings need an even rotary dimension, but head dim (--kv-channels) "
+            f"{config.kv_channels} x --rotary-percent {config.rotary_percent} = {dim}"
+        )
+
+
+def build_norm(config: TransformerConfig) -> nn.Module:
+    """LayerNorm or RMSNorm (--normalization) over the hidden size, eps --norm-epsilon."""
+    norm = RMSNorm if config.normalization == "RMSNorm" else LayerNorm
+    return norm(config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype)
 
 
 @dataclass
 class InferenceParams:
     """The KV cache of incremental decoding (Megatron-LM's InferenceParams).
 
-    Layer n keeps `key_value_memory_dict[n]` = (keys, values), each [max_batch_size, local_heads,
+    Layer n keeps `key_value_memory_dict[n]` = (keys, values), each [max_batch_size, local_groups,
     max_sequence_length, head_dim], allocated on first use in the dtype and device of the keys.
     `sequence_len_offset` is the number of positions already cached. A forward pass given this object
     processes s new tokens at positions sequence_len_offset .. sequence_len_offset + s - 1 (the caller passes
@@ -94,7 +136,7 @@ class InferenceParams:
     key_value_memory_dict: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def append(self, layer_number: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        """Store key, value [batch, local_heads, s, head_dim] of layer `layer_number` at the positions
+        """Store key, value [batch, local_groups, s, head_dim] of layer `layer_number` at the positions
         offset .. offset + s - 1; return the layer's keys and values of positions 0 .. offset + s - 1."""
         batch, heads, seq, head_dim = key.shape
         end = self.sequence_len_offset + seq
@@ -174,19 +216,33 @@ class CoreAttention(nn.Module):
         return (bias if allowed is None else bias.masked_fill(~allowed, float("-inf"))), False
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor]) -> Tensor:
-        """q: [batch, local_heads, sq, head_dim], k, v: [batch, local_heads, sk, head_dim] with sk >= sq
-        (the queries are the last sq key positions) -> context [batch, local_heads, sq, head_dim]."""
+        """q: [batch, local_heads, sq, head_dim], k, v: [batch, local_groups, sk, head_dim] with sk >= sq
+        (the queries are the last sq key positions) -> context [batch, local_heads, sq, head_dim].
+
+        With grouped-query attention (local_groups < local_heads) query head i uses key/value head
+        i // (local_heads / local_groups): the query heads of a group are consecutive."""
         mask, is_causal = self._sdpa_mask(q, k, allowed)
+        gqa = k.size(1) != q.size(1)
         if not (self.training and self.dropout_p > 0):  # no randomness: no RNG state needed (inference)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa
+            )
         with get_rng_tracker().fork():
             return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=self.dropout_p, is_causal=is_causal
+                q, k, v, attn_mask=mask, dropout_p=self.dropout_p, is_causal=is_causal, enable_gqa=gqa
             )
 
 
 class ParallelAttention(nn.Module):
-    """Self-attention: QKV column-parallel (whole heads per rank), core attention, output row-parallel."""
+    """Self-attention: QKV column-parallel (whole heads per rank), core attention, output row-parallel.
+
+    With grouped-query attention (G = num_query_groups < heads) the n/G query heads of a group share one
+    key and one value head, and the fused QKV rows are ordered per group, [G, n/G + 2, head_dim]: the
+    group's query heads, then its key head, then its value head (Megatron's layout; G = n is the
+    [heads, 3, head_dim] order of multi-head attention). G is divisible by the TP size, so a rank's
+    contiguous row slice holds G/p whole groups. With RoPE, queries and keys are rotated before the keys
+    enter the KV cache.
+    """
 
     def __init__(
         self, config: TransformerConfig, parallel: ParallelState, causal: bool, layer_number: int = 0
@@ -194,13 +250,15 @@ class ParallelAttention(nn.Module):
         super().__init__()
         self.layer_number = layer_number  # this layer's entry in a KV cache
         self.local_heads = config.num_attention_heads // parallel.tp_size
+        self.local_groups = config.num_query_groups // parallel.tp_size
         self.head_dim = config.kv_channels
         projection_size = config.num_attention_heads * config.kv_channels
         self.selective_recompute = config.recompute_granularity == "selective"
         self.query_key_value = ColumnParallelLinear(
             config.hidden_size,
-            3 * projection_size,
+            projection_size + 2 * config.num_query_groups * config.kv_channels,
             parallel=parallel,
+            bias=config.add_bias_linear,
             gather_output=False,
             init_std=config.init_method_std,
             params_dtype=config.params_dtype,
@@ -210,24 +268,33 @@ class ParallelAttention(nn.Module):
             projection_size,
             config.hidden_size,
             parallel=parallel,
+            bias=config.add_bias_linear,
             input_is_parallel=True,
             init_std=config.output_layer_init_std,
             params_dtype=config.params_dtype,
         )
 
     def forward(
-        self, x: Tensor, allowed: Optional[Tensor], inference_params: Optional[InferenceParams] = None
+        self,
+        x: Tensor,
+        allowed: Optional[Tensor],
+        inference_params: Optional[InferenceParams] = None,
+        rotary_pos_emb: Optional[tuple[Tensor, Tensor]] = None,
     ) -> Tensor:
         """x: [batch, seq, hidden] (the same on every TP rank) -> [batch, seq, hidden] (summed over ranks).
 
         With `inference_params` the keys and values of x join the cache and the queries of x attend over
-        every cached position."""
+        every cached position. `rotary_pos_emb`: RoPE's (cos, sin) of x's positions (megatron.model.rotary)."""
         batch, seq, _ = x.shape
-        qkv, _ = self.query_key_value(x)  # [batch, seq, local_heads * 3 * head_dim]
-        qkv = qkv.view(batch, seq, self.local_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)
-        q, k, v = qkv.unbind(0)  # each [batch, local_heads, seq, head_dim]
+        per_group = self.local_heads // self.local_groups
+        qkv, _ = self.query_key_value(x)  # [batch, seq, local_groups * (per_group + 2) * head_dim]
+        qkv = qkv.view(batch, seq, self.local_groups, per_group + 2, self.head_dim)
+        q = qkv[:, :, :, :per_group].reshape(batch, seq, self.local_heads, self.head_dim).transpose(1, 2)
+        k, v = (qkv[:, :, :, per_group + i].transpose(1, 2) for i in (0, 1))  # [batch, local_groups, seq, d]
+        if rotary_pos_emb is not None:
+            q, k = apply_rotary_pos_emb(q, rotary_pos_emb), apply_rotary_pos_emb(k, rotary_pos_emb)
         if inference_params is not None:
-            k, v = inference_params.append(self.layer_number, k, v)  # [batch, local_heads, cached, head_dim]
+            k, v = inference_params.append(self.layer_number, k, v)  # [batch, local_groups, cached, head_dim]
         if self.selective_recompute and torch.is_grad_enabled():
             context = checkpoint(self.core_attention, q, k, v, allowed)
         else:
@@ -238,15 +305,23 @@ class ParallelAttention(nn.Module):
 
 
 class ParallelMLP(nn.Module):
-    """h -> ffn (column-parallel), GeLU, ffn -> h (row-parallel): Y = GeLU(X A) B."""
+    """h -> ffn (column-parallel), GeLU, ffn -> h (row-parallel): Y = GeLU(X A) B.
+
+    SwiGLU: Y = (silu(X A_gate) * X A_up) B, with A_gate and A_up in one column-parallel layer h -> 2 ffn
+    whose rows on rank r are [its gate slice; its up slice] (Megatron's layout, `stride` 2), so each rank
+    applies the gate to its own up columns and the row-parallel B_r needs nothing from other ranks.
+    """
 
     def __init__(self, config: TransformerConfig, parallel: ParallelState) -> None:
         super().__init__()
         self.gelu_tanh = config.gelu_tanh
+        self.swiglu = config.swiglu
         self.dense_h_to_4h = ColumnParallelLinear(
             config.hidden_size,
-            config.ffn_hidden_size,
+            2 * config.ffn_hidden_size if config.swiglu else config.ffn_hidden_size,
             parallel=parallel,
+            bias=config.add_bias_linear,
+            stride=2 if config.swiglu else 1,
             gather_output=False,
             init_std=config.init_method_std,
             params_dtype=config.params_dtype,
@@ -255,6 +330,7 @@ class ParallelMLP(nn.Module):
             config.ffn_hidden_size,
             config.hidden_size,
             parallel=parallel,
+            bias=config.add_bias_linear,
             input_is_parallel=True,
             init_std=config.output_layer_init_std,
             params_dtype=config.params_dtype,
@@ -263,7 +339,11 @@ class ParallelMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: [batch, seq, hidden] -> [batch, seq, hidden]."""
         intermediate, _ = self.dense_h_to_4h(x)
-        output, _ = self.dense_4h_to_h(gelu(intermediate, self.gelu_tanh))
+        if self.swiglu:
+            gate, up = intermediate.chunk(2, dim=-1)
+            output, _ = self.dense_4h_to_h(F.silu(gate) * up)
+        else:
+            output, _ = self.dense_4h_to_h(gelu(intermediate, self.gelu_tanh))
         return output
 
 
@@ -284,13 +364,9 @@ class ParallelTransformerLayer(nn.Module):
         self.hidden_dropout = config.hidden_dropout
         self.residual_from_layernorm = config.apply_residual_connection_post_layernorm
         self.fp32_residual = config.fp32_residual_connection
-        self.input_layernorm = LayerNorm(
-            config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype
-        )
+        self.input_layernorm = build_norm(config)
         self.self_attention = ParallelAttention(config, parallel, causal, layer_number)
-        self.post_attention_layernorm = LayerNorm(
-            config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype
-        )
+        self.post_attention_layernorm = build_norm(config)
         self.mlp = ParallelMLP(config, parallel)
 
     def _residual_add(self, residual: Tensor, branch: Tensor) -> Tensor:
@@ -300,13 +376,17 @@ class ParallelTransformerLayer(nn.Module):
         return residual + F.dropout(branch, p=self.hidden_dropout, training=self.training)
 
     def forward(
-        self, x: Tensor, allowed: Optional[Tensor], inference_params: Optional[InferenceParams] = None
+        self,
+        x: Tensor,
+        allowed: Optional[Tensor],
+        inference_params: Optional[InferenceParams] = None,
+        rotary_pos_emb: Optional[tuple[Tensor, Tensor]] = None,
     ) -> Tensor:
         """x: [batch, seq, hidden] -> [batch, seq, hidden]."""
         normed = self.input_layernorm(x)
         x = self._residual_add(
             normed if self.residual_from_layernorm else x,
-            self.self_attention(normed, allowed, inference_params),
+            self.self_attention(normed, allowed, inference_params, rotary_pos_emb),
         )
         normed = self.post_attention_layernorm(x)
         return self._residual_add(normed if self.residual_from_layernorm else x, self.mlp(normed))
@@ -345,28 +425,28 @@ class ParallelTransformer(nn.Module):
             if n in layers:
                 kept.append(layer)
         self.layers = nn.ModuleList(kept)
-        self.final_layernorm: Optional[LayerNorm] = None
-        if final_layernorm:
-            self.final_layernorm = LayerNorm(
-                config.hidden_size, eps=config.layernorm_epsilon, dtype=config.params_dtype
-            )
+        self.final_layernorm: Optional[nn.Module] = build_norm(config) if final_layernorm else None
 
     def forward(
-        self, x: Tensor, allowed: Optional[Tensor], inference_params: Optional[InferenceParams] = None
+        self,
+        x: Tensor,
+        allowed: Optional[Tensor],
+        inference_params: Optional[InferenceParams] = None,
+        rotary_pos_emb: Optional[tuple[Tensor, Tensor]] = None,
     ) -> Tensor:
         """x: [batch, seq, hidden] (embeddings, or the previous stage's output) -> [batch, seq, hidden]
         (after the final layernorm when this block has it).
 
         With `inference_params` (the KV cache) every layer appends the keys and values of the seq new
         tokens, and the cache's sequence_len_offset then advances by seq (each pipeline stage keeps its own
-        cache)."""
+        cache). `rotary_pos_emb`: RoPE's (cos, sin) of the positions of x, or None."""
         for layer in self.layers:
             if inference_params is not None:
-                x = layer(x, allowed, inference_params)
+                x = layer(x, allowed, inference_params, rotary_pos_emb)
             elif self.full_recompute and torch.is_grad_enabled():
-                x = checkpoint(layer, x, allowed)
+                x = checkpoint(layer, x, allowed, None, rotary_pos_emb)
             else:
-                x = layer(x, allowed)
+                x = layer(x, allowed, None, rotary_pos_emb)
         if inference_params is not None:
             inference_params.sequence_len_offset += x.size(1)
         return x if self.final_layernorm is None else self.final_layernorm(x)

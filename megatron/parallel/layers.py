@@ -69,11 +69,17 @@ def _sharded_normal(
     parallel: ParallelState,
     init_std: float,
     dtype: torch.dtype,
+    stride: int = 1,
 ) -> nn.Parameter:
-    """Draw the full fp32 master weight ~ N(0, init_std^2), keep this rank's slice along `partition_dim`."""
+    """Draw the full fp32 master weight ~ N(0, init_std^2), keep this rank's slice along `partition_dim`.
+
+    With `stride` k the master is k blocks stacked along `partition_dim` (SwiGLU: [gate; up], k = 2) and
+    this rank keeps its r-th of p slices of EACH block, concatenated (Megatron's `stride`): the master is
+    cut into k p chunks and rank r keeps chunks r, r + p, ..., r + (k - 1) p."""
     master = torch.empty(full_shape, dtype=torch.float32)
     torch.nn.init.normal_(master, mean=0.0, std=init_std)
-    shard = torch.chunk(master, parallel.tp_size, dim=partition_dim)[parallel.tp_rank]
+    chunks = torch.chunk(master, stride * parallel.tp_size, dim=partition_dim)
+    shard = torch.cat(chunks[parallel.tp_rank :: parallel.tp_size], dim=partition_dim)
     param = nn.Parameter(shard.to(dtype).contiguous())
     set_tensor_model_parallel_attributes(param, is_parallel=True, partition_dim=partition_dim)
     return param
@@ -84,7 +90,8 @@ class ColumnParallelLinear(nn.Module):
 
     weight: [output_size / p, input_size]; bias: [output_size / p]. With gather_output the full Y is
     all-gathered onto every rank; otherwise each rank returns its slice Y_r. With skip_bias_add the bias
-    is not added and is returned instead, for a later fused bias + activation.
+    is not added and is returned instead, for a later fused bias + activation. With `stride` k the output
+    is k blocks (SwiGLU's [gate; up]) and this rank's rows are its slice of each block (`_sharded_normal`).
     """
 
     def __init__(
@@ -98,6 +105,7 @@ class ColumnParallelLinear(nn.Module):
         init_std: float = 0.02,
         skip_bias_add: bool = False,
         params_dtype: torch.dtype = torch.float32,
+        stride: int = 1,
     ) -> None:
         super().__init__()
         if gather_output and skip_bias_add:
@@ -110,7 +118,7 @@ class ColumnParallelLinear(nn.Module):
             output_size, parallel.tp_size, "ColumnParallelLinear output_size"
         )
         self.gather_output, self.skip_bias_add = gather_output, skip_bias_add
-        self.weight = _sharded_normal((output_size, input_size), 0, parallel, init_std, params_dtype)
+        self.weight = _sharded_normal((output_size, input_size), 0, parallel, init_std, params_dtype, stride)
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.output_size_per_partition, dtype=params_dtype))
             set_tensor_model_parallel_attributes(self.bias, is_parallel=True, partition_dim=0)

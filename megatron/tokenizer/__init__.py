@@ -4,6 +4,7 @@ from .base import AbstractTokenizer, TokenizerConfigError
 from .bert import BertWordPieceTokenizer
 from .gpt2 import GPT2BPETokenizer
 from .huggingface import HuggingFaceTokenizer
+from .llama2 import Llama2Tokenizer
 from .null import NullTokenizer
 from .sentencepiece_tokenizer import SentencePieceTokenizer
 from .tokenizer import TOKENIZER_TYPES, add_tokenizer_args, build_tokenizer, vocab_size_with_padding
@@ -14,6 +15,7 @@ __all__ = [
     "BertWordPieceTokenizer",
     "GPT2BPETokenizer",
     "HuggingFaceTokenizer",
+    "Llama2Tokenizer",
     "NullTokenizer",
     "SentencePieceTokenizer",
     "TokenizerConfigError",

@@ -17,6 +17,7 @@ from .base import AbstractTokenizer, TokenizerConfigError
 from .bert import BertWordPieceTokenizer
 from .gpt2 import GPT2BPETokenizer
 from .huggingface import HuggingFaceTokenizer
+from .llama2 import Llama2Tokenizer
 from .null import NullTokenizer
 from .sentencepiece_tokenizer import SentencePieceTokenizer
 
@@ -32,6 +33,7 @@ _BUILDERS: dict[str, Callable[[Any], AbstractTokenizer]] = {
         c.tokenizer_model, vocab_extra_ids=getattr(c, "vocab_extra_ids", 0)
     ),
     "HuggingFaceTokenizer": lambda c: HuggingFaceTokenizer(c.tokenizer_model),
+    "Llama2Tokenizer": lambda c: Llama2Tokenizer(c.tokenizer_model),
     "NullTokenizer": lambda c: NullTokenizer(c.vocab_size),
 }
 TOKENIZER_TYPES: tuple[str, ...] = tuple(_BUILDERS)

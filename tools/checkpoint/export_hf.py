@@ -2,16 +2,19 @@
 
     python tools/checkpoint/export_hf.py --load checkpoints/gpt --output hf/gpt
 
-GPT becomes `GPT2LMHeadModel` (tools/checkpoint/hf_gpt2.py), BERT `MegatronBertForPreTraining`, or
+GPT becomes `GPT2LMHeadModel` (tools/checkpoint/hf_gpt2.py), a Llama-shaped GPT (RoPE, RMSNorm, SwiGLU,
+...) `LlamaForCausalLM` (tools/checkpoint/hf_llama.py), BERT `MegatronBertForPreTraining`, or
 `MegatronBertForMaskedLM` when trained with --bert-no-binary-head (tools/checkpoint/hf_bert.py); the model
-type is read from the checkpoint's tensors (BERT has lm_head.bias). The folder holds
+type is read from the checkpoint's tensors (BERT has lm_head.bias) and args. The folder holds
 
     config.json          GPT2Config / MegatronBertConfig; vocab_size is the PADDED vocabulary of the
                          checkpoint, so the Hugging Face logits equal ours on every column; activation
                          "gelu_new" (tanh GeLU, our default bias_gelu_fusion) or "gelu" (erf)
     model.safetensors    the weights in the checkpoint's dtype (tied output embeddings stored once)
     vocab.json, merges.txt  (GPT2BPETokenizer) or vocab.txt (BertWordPiece*), copied from the files the
-                         checkpoint's args name, with a tokenizer_config.json; other tokenizers: none
+                         checkpoint's args name, with a tokenizer_config.json; tokenizer.json with its
+                         tokenizer_config.json / special_tokens_map.json (HuggingFaceTokenizer); tokenizer.model
+                         with a LlamaTokenizer tokenizer_config.json (Llama2Tokenizer); other tokenizers: none
 
 The TP shards are merged first. The folder is built under a temporary name and renamed when complete,
 so a failed export leaves nothing under --output.
@@ -30,7 +33,7 @@ from tools.checkpoint.checkpoint_io import (
     check_distinct_paths,
     load_checkpoint_shards,
 )
-from tools.checkpoint.hf_common import copy_tokenizer_file
+from tools.checkpoint.hf_common import copy_llama_tokenizer, copy_tokenizer_file
 from tools.checkpoint.hf_packages import missing_package_exit
 from tools.checkpoint.tp_layout import merge_shards
 
@@ -39,6 +42,7 @@ try:
 
     from tools.checkpoint.hf_bert import bert_to_hf_state, has_binary_head, megatron_bert_config_from_args
     from tools.checkpoint.hf_gpt2 import gpt2_config_from_args, gpt_to_hf_state
+    from tools.checkpoint.hf_llama import is_llama_shaped, llama_config_from_args, llama_to_hf_state
 except ModuleNotFoundError as e:
     raise missing_package_exit(e, "tools/checkpoint/export_hf.py") from None
 
@@ -57,13 +61,16 @@ def export_checkpoint(load_dir: str, output_dir: str, force: bool = False) -> st
     """Write the Hugging Face folder of the checkpoint in `load_dir`; return its architecture name."""
     checkpoint = load_checkpoint_shards(load_dir)
     saved_args = checkpoint.args
-    model = merge_shards(checkpoint.model_shards(), "model")
+    model = merge_shards(checkpoint.model_shards(), "model", getattr(saved_args, "swiglu", False))
     dtype = model["language_model.embedding.word_embeddings.weight"].dtype
     layers, heads = saved_args.num_layers, saved_args.num_attention_heads
     if "lm_head.bias" in model:
         binary_head = has_binary_head(model)
         config = megatron_bert_config_from_args(saved_args, dtype, binary_head)
         state = bert_to_hf_state(model, layers, heads)
+    elif is_llama_shaped(saved_args):
+        config = llama_config_from_args(saved_args, dtype)
+        state = llama_to_hf_state(model, saved_args)
     else:
         config = gpt2_config_from_args(saved_args, dtype)
         state = gpt_to_hf_state(model, layers, heads)
@@ -98,6 +105,9 @@ def _write_tokenizer(saved_args: argparse.Namespace, directory: str, max_length:
             "do_lower_case": tokenizer_type == "BertWordPieceLowerCase",
             "model_max_length": max_length,
         }
+    elif tokenizer_type in ("HuggingFaceTokenizer", "Llama2Tokenizer"):
+        copy_llama_tokenizer(saved_args, directory, max_length)
+        return
     else:
         print(f"note: tokenizer type {tokenizer_type} has no Hugging Face files to export; none written")
         return

@@ -11,6 +11,7 @@ the two; they are exact permutations, so the round trip is bitwise.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -52,6 +53,15 @@ def check_exportable(saved_args: argparse.Namespace, architecture: str) -> None:
         unsupported.append("--embedding-layernorm")
     if getattr(saved_args, "apply_residual_connection_post_layernorm", False):
         unsupported.append("--apply-residual-connection-post-layernorm (post-LN residuals)")
+    for flag, name, plain in (
+        ("--normalization RMSNorm", "normalization", "LayerNorm"),
+        ("--swiglu", "swiglu", False),
+        ("--group-query-attention", "group_query_attention", False),
+        ("--untie-embeddings-and-output-weights", "untie_embeddings_and_output_weights", False),
+        ("--disable-bias-linear", "add_bias_linear", True),
+    ):
+        if getattr(saved_args, name, plain) != plain:
+            unsupported.append(flag)
     heads, hidden = saved_args.num_attention_heads, saved_args.hidden_size
     kv_channels = getattr(saved_args, "kv_channels", None) or hidden // heads
     if kv_channels * heads != hidden:
@@ -80,3 +90,31 @@ def copy_tokenizer_file(source: Optional[str], directory: str, name: str, what: 
         return False
     shutil.copyfile(source, os.path.join(directory, name))
     return True
+
+
+def copy_llama_tokenizer(saved_args: argparse.Namespace, directory: str, max_length: int) -> None:
+    """HuggingFaceTokenizer: copy tokenizer.json and its side files (tokenizer_config.json,
+    special_tokens_map.json) from the --tokenizer-model folder. Llama2Tokenizer: copy the SentencePiece
+    model as tokenizer.model and describe it as a LlamaTokenizer (bos added, eos not)."""
+    source = getattr(saved_args, "tokenizer_model", None)
+    if saved_args.tokenizer_type == "Llama2Tokenizer":
+        if copy_tokenizer_file(source, directory, "tokenizer.model", "--tokenizer-model"):
+            config = {
+                "tokenizer_class": "LlamaTokenizer",
+                "model_max_length": max_length,
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "legacy": False,
+            }
+            with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2)
+                f.write("\n")
+        return
+    folder = source if source and os.path.isdir(source) else os.path.dirname(source or "")
+    tokenizer_json = (
+        source if source and not os.path.isdir(source) else os.path.join(folder, "tokenizer.json")
+    )
+    if copy_tokenizer_file(tokenizer_json, directory, "tokenizer.json", "--tokenizer-model"):
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            if os.path.isfile(os.path.join(folder, name)):
+                shutil.copyfile(os.path.join(folder, name), os.path.join(directory, name))

@@ -54,11 +54,13 @@ def reshard_optimizer(
     model_shards: list[dict[str, Tensor]],
     target_tp: int,
     padded_vocab_size: int,
+    swiglu: bool = False,
 ) -> list[dict[str, Any]]:
     """The optimizer state of each of `target_tp` TP ranks, from the states of the source TP ranks.
 
     `model_shards` are the flat model state dicts of the source ranks (they name the parameters and give
-    their shard shapes and dtypes); `padded_vocab_size` is the target's padded vocabulary. Raises ToolError
+    their shard shapes and dtypes); `padded_vocab_size` is the target's padded vocabulary; `swiglu`: the
+    MLP's fused [gate; up] layout (tools/checkpoint/tp_layout). Raises ToolError
     when the state does not match the model or differs between TP ranks where it must not.
     """
     mixed = "fp32_from_fp16_params" in optimizer_shards[0]
@@ -71,7 +73,7 @@ def reshard_optimizer(
         {index_names[r][i]: entry for i, entry in state["state"].items()}
         for r, state in enumerate(torch_states)
     ]
-    new_per_name = _reshard_entries(per_name, model_shards, target_tp, padded_vocab_size)
+    new_per_name = _reshard_entries(per_name, model_shards, target_tp, padded_vocab_size, swiglu)
     new_torch_states = []
     for tp_rank in range(target_tp):
         state = {
@@ -91,6 +93,7 @@ def reshard_optimizer(
         model_shards,
         target_tp,
         padded_vocab_size,
+        swiglu,
     )
     scaler = optimizer_shards[0].get("grad_scaler")  # fp16 only; the same on every TP rank
     _check_same_across_ranks([shard.get("grad_scaler") for shard in optimizer_shards], "grad_scaler state")
@@ -121,6 +124,7 @@ def _reshard_entries(
     model_shards: list[dict[str, Tensor]],
     target_tp: int,
     padded_vocab_size: int,
+    swiglu: bool,
 ) -> list[dict[str, dict[str, Any]]]:
     """Per-parameter optimizer entries ({"exp_avg": ..., "step": ...}) of each target rank.
 
@@ -146,8 +150,8 @@ def _reshard_entries(
 
     new = [{name: {} for name in names} for _ in range(target_tp)]
     for key, shards in split_values.items():
-        whole = repad_vocab(merge_shards(shards, f"optimizer {key}"), padded_vocab_size)
-        for tp_rank, shard in enumerate(split_whole(whole, target_tp)):
+        whole = repad_vocab(merge_shards(shards, f"optimizer {key}", swiglu), padded_vocab_size)
+        for tp_rank, shard in enumerate(split_whole(whole, target_tp, swiglu)):
             for name, tensor in shard.items():
                 new[tp_rank][name][key] = tensor
     for tp_rank in range(target_tp):  # keep each entry's original key order
@@ -163,6 +167,7 @@ def _reshard_main_copies(
     model_shards: list[dict[str, Tensor]],
     target_tp: int,
     padded_vocab_size: int,
+    swiglu: bool,
 ) -> list[list[list[Tensor]]]:
     """`fp32_from_fp16_params` of each target rank: per group, the fp32 copies of the half-precision params."""
     half_names = [[n for n in names if model_shards[0][n].dtype in _HALF_DTYPES] for names in group_names]
@@ -182,9 +187,10 @@ def _reshard_main_copies(
                     f"parameter {tuple(model_shards[tp_rank][name].shape)}"
                 )
         per_rank.append(named)
-    whole = repad_vocab(merge_shards(per_rank, "fp32 main params"), padded_vocab_size)
+    whole = repad_vocab(merge_shards(per_rank, "fp32 main params", swiglu), padded_vocab_size)
     return [
-        [[shard[name] for name in names] for names in half_names] for shard in split_whole(whole, target_tp)
+        [[shard[name] for name in names] for names in half_names]
+        for shard in split_whole(whole, target_tp, swiglu)
     ]
 
 

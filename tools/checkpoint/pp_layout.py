@@ -96,6 +96,6 @@ def split_stages(
                 stage[name] = tensor
             elif match is None and not name.startswith("language_model.embedding.") and layout.post_process:
                 stage[name] = tensor
-    if pp_size > 1:
+    if pp_size > 1 and "language_model.output_layer.weight" not in whole:  # tied output layer
         stages[-1][HEAD_KEY] = whole[TIED_KEY]
     return stages

@@ -98,6 +98,11 @@ def check_target_tp(saved_args: argparse.Namespace, target_tp: int) -> None:
         raise ToolError(
             f"--target-tensor-model-parallel-size {target_tp} does not divide the {heads} attention heads"
         )
+    groups = getattr(saved_args, "num_query_groups", None)
+    if getattr(saved_args, "group_query_attention", False) and groups % target_tp != 0:
+        raise ToolError(
+            f"--target-tensor-model-parallel-size {target_tp} does not divide the {groups} query groups"
+        )
     if ffn % target_tp != 0:
         raise ToolError(
             f"--target-tensor-model-parallel-size {target_tp} does not divide ffn_hidden_size {ffn}"
@@ -147,8 +152,9 @@ def reshard_checkpoint(
     check_target_tp(saved_args, target_tp)
     padded_vocab_size = resolve_padded_vocab_size(saved_args, checkpoint.tp_size, target_tp, true_vocab_size)
     model_shards = checkpoint.model_shards()
-    whole = repad_vocab(merge_shards(model_shards, "model"), padded_vocab_size)
-    new_models = split_whole(whole, target_tp)
+    swiglu = getattr(saved_args, "swiglu", False)
+    whole = repad_vocab(merge_shards(model_shards, "model", swiglu), padded_vocab_size)
+    new_models = split_whole(whole, target_tp, swiglu)
 
     optimizers: list[Optional[dict[str, Any]]] = [None] * target_tp
     if keep_optimizer and (checkpoint.pp_size > 1 or target_pp > 1):
@@ -162,7 +168,7 @@ def reshard_checkpoint(
             raise ToolError(
                 f"--keep-optimizer: {checkpoint.checkpoint_dir} holds no optimizer state; run without it"
             )
-        optimizers = reshard_optimizer(optimizer_shards, model_shards, target_tp, padded_vocab_size)
+        optimizers = reshard_optimizer(optimizer_shards, model_shards, target_tp, padded_vocab_size, swiglu)
 
     new_args = copy.copy(saved_args)
     new_args.tensor_model_parallel_size = target_tp

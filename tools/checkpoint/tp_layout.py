@@ -11,6 +11,10 @@ is chunking:
                                                  contiguous slice is always whole heads
     self_attention.dense.weight     [h, n d/p]   the input columns of those heads
     dense_h_to_4h.weight, .bias     [f/p, h]     output rows;   dense_4h_to_h.weight [h, f/p]: input columns
+                                    with SwiGLU [2 f/p, h]: [this rank's gate slice; its up slice], while
+                                    the whole tensor is [gate; up] (`swiglu=True` below)
+    output_layer.weight (untied)    [V/p, h]     vocabulary rows, like word_embeddings
+    query_key_value with GQA        [(n/G + 2) G d/p, h]: whole query groups (q heads, k head, v head)
 
 Every other tensor is duplicated on all TP ranks; merging checks that the copies agree and keeps rank 0's.
 
@@ -32,7 +36,25 @@ from megatron.tokenizer import vocab_size_with_padding
 from tools.checkpoint.checkpoint_io import ToolError
 
 # Parameters whose dimension 0 is the padded vocabulary.
-VOCAB_PADDED_SUFFIXES = ("word_embeddings.weight", "lm_head.bias")
+VOCAB_PADDED_SUFFIXES = ("word_embeddings.weight", "lm_head.bias", "output_layer.weight")
+# SwiGLU's fused [gate; up] projection: each shard holds its slice of both halves.
+SWIGLU_SUFFIXES = ("mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias")
+
+
+def _is_swiglu_fused(name: str, swiglu: bool) -> bool:
+    return swiglu and any(name == s or name.endswith("." + s) for s in SWIGLU_SUFFIXES)
+
+
+def _merge_swiglu(tensors: list[Tensor]) -> Tensor:
+    """[gate_r; up_r] per shard -> [gate; up] whole."""
+    halves = [t.chunk(2, dim=0) for t in tensors]
+    return torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])])
+
+
+def _split_swiglu(whole: Tensor, tp_size: int) -> list[Tensor]:
+    """[gate; up] whole -> [gate_r; up_r] for r = 0 .. tp_size - 1."""
+    gate, up = whole.chunk(2, dim=0)
+    return [torch.cat([g, u]) for g, u in zip(gate.chunk(tp_size), up.chunk(tp_size))]
 
 
 def is_vocab_padded(name: str) -> bool:
@@ -40,9 +62,10 @@ def is_vocab_padded(name: str) -> bool:
     return any(name == suffix or name.endswith("." + suffix) for suffix in VOCAB_PADDED_SUFFIXES)
 
 
-def merge_shards(shards: list[dict[str, Tensor]], what: str) -> dict[str, Tensor]:
+def merge_shards(shards: list[dict[str, Tensor]], what: str, swiglu: bool = False) -> dict[str, Tensor]:
     """Whole tensors from the p TP shards of `what` (e.g. "model", "optimizer exp_avg"): concatenation
-    along `tensor_parallel_dim(name)` for split tensors, rank 0's copy for duplicated ones.
+    along `tensor_parallel_dim(name)` for split tensors ([gate; up] halves merged separately when
+    `swiglu`), rank 0's copy for duplicated ones.
 
     Raises ToolError when the shards hold different names or shapes; warns on stderr when duplicated
     copies differ in value (they should be bitwise equal after training) and keeps rank 0's.
@@ -56,6 +79,9 @@ def merge_shards(shards: list[dict[str, Tensor]], what: str) -> dict[str, Tensor
     for name in names:
         tensors = [shard[name] for shard in shards]
         dim = tensor_parallel_dim(name)
+        if _is_swiglu_fused(name, swiglu):
+            merged[name] = _merge_swiglu(tensors)
+            continue
         if dim is not None:
             merged[name] = torch.cat(tensors, dim=dim)
             continue
@@ -76,8 +102,9 @@ def merge_shards(shards: list[dict[str, Tensor]], what: str) -> dict[str, Tensor
     return merged
 
 
-def split_whole(whole: dict[str, Tensor], tp_size: int) -> list[dict[str, Tensor]]:
-    """The `tp_size` shards of whole tensors: chunks along `tensor_parallel_dim(name)`, copies otherwise.
+def split_whole(whole: dict[str, Tensor], tp_size: int, swiglu: bool = False) -> list[dict[str, Tensor]]:
+    """The `tp_size` shards of whole tensors: chunks along `tensor_parallel_dim(name)` ([gate_r; up_r] for
+    SwiGLU's fused projection when `swiglu`), copies otherwise.
 
     Each chunk is cloned so that saving a shard stores only its own slice. Raises ToolError when a split
     dimension is not divisible by `tp_size`.
@@ -89,12 +116,14 @@ def split_whole(whole: dict[str, Tensor], tp_size: int) -> list[dict[str, Tensor
             for shard in shards:
                 shard[name] = tensor
             continue
-        if tensor.size(dim) % tp_size != 0:
+        swiglu_fused = _is_swiglu_fused(name, swiglu)
+        if tensor.size(dim) % (2 * tp_size if swiglu_fused else tp_size) != 0:
             raise ToolError(
                 f"{name} has size {tensor.size(dim)} along its tensor-parallel dimension {dim}, "
                 f"which is not divisible by the target tensor-parallel size {tp_size}"
             )
-        for shard, chunk in zip(shards, torch.chunk(tensor, tp_size, dim=dim)):
+        chunks = _split_swiglu(tensor, tp_size) if swiglu_fused else torch.chunk(tensor, tp_size, dim=dim)
+        for shard, chunk in zip(shards, chunks):
             shard[name] = chunk.clone()
     return shards
 
