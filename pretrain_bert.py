@@ -19,13 +19,17 @@ from megatron.arguments import transformer_config_from_args
 from megatron.data.bert_dataset import BertMaskingConfig, BertTokenIds, build_train_valid_test_datasets
 from megatron.data.mock_dataset import MockBertDataset
 from megatron.model import BertModel
+from megatron.parallel.pipeline_layout import StageLayout
 from megatron.parallel.state import ParallelState
 from megatron.run_state import RunState
 from megatron.tokenizer import build_tokenizer
 from megatron.training import TrainingError, pretrain
 
 
-def model_provider(args: argparse.Namespace, parallel: ParallelState, run: RunState) -> nn.Module:
+def model_provider(
+    args: argparse.Namespace, parallel: ParallelState, run: RunState, stage: Optional[StageLayout] = None
+) -> nn.Module:
+    """The whole BERT, or the pipeline stage `stage` of it."""
     if args.untie_embeddings_and_output_weights:
         raise TrainingError(
             "--untie-embeddings-and-output-weights: BERT's masked-LM head always uses the word embeddings "
@@ -34,7 +38,7 @@ def model_provider(args: argparse.Namespace, parallel: ParallelState, run: RunSt
     config = transformer_config_from_args(args, run.padded_vocab_size)
     config.num_tokentypes = 2
     config.add_binary_head = args.bert_binary_head
-    return BertModel(config, parallel, parallel_output=True)
+    return BertModel(config, parallel, parallel_output=True, stage=stage)
 
 
 def get_batch(data_iterator: Iterator) -> dict[str, Tensor]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 from functools import partial
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -17,15 +18,19 @@ from megatron.batch_utils import get_ltor_masks_and_position_ids
 from megatron.data.gpt_dataset import build_train_valid_test_datasets
 from megatron.data.mock_dataset import MockGPTDataset
 from megatron.model import GPTModel
+from megatron.parallel.pipeline_layout import StageLayout
 from megatron.parallel.state import ParallelState
 from megatron.run_state import RunState
 from megatron.tokenizer import build_tokenizer
 from megatron.training import pretrain
 
 
-def model_provider(args: argparse.Namespace, parallel: ParallelState, run: RunState) -> nn.Module:
+def model_provider(
+    args: argparse.Namespace, parallel: ParallelState, run: RunState, stage: Optional[StageLayout] = None
+) -> nn.Module:
+    """The whole GPT, or the pipeline stage `stage` of it."""
     config = transformer_config_from_args(args, run.padded_vocab_size)
-    return GPTModel(config, parallel, parallel_output=True)
+    return GPTModel(config, parallel, parallel_output=True, stage=stage)
 
 
 def get_batch(data_iterator: Iterator, args: argparse.Namespace, eod_token: int) -> tuple[Tensor, ...]:

@@ -19,6 +19,7 @@ import torch
 from megatron.arguments_llama import add_llama_args, validate_llama_args
 from megatron.compat_args import add_compat_args, check_compat_args
 from megatron.model.config import TransformerConfig
+from megatron.parallel.pipeline_layout import check_pipeline_args
 
 ExtraArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 
@@ -385,7 +386,19 @@ def _check_mixed_precision_args(args: argparse.Namespace, fail: Callable[[str], 
 def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("distributed")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="Tensor model parallel degree.")
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="Only 1 is supported.")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="Pipeline stages.")
+    g.add_argument(
+        "--virtual-pipeline-model-parallel-size", type=int, default=None,
+        help="Model chunks per pipeline stage (interleaved 1F1B).",
+    )  # fmt: skip
+    g.add_argument(
+        "--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+        help="Layers per virtual stage (the classic way to ask for interleaving).",
+    )  # fmt: skip
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None, help="Layers of stage 0.")
+    g.add_argument(
+        "--decoder-last-pipeline-num-layers", type=int, default=None, help="Layers of the last stage."
+    )
     g.add_argument(
         "--distributed-backend",
         choices=["nccl", "gloo"],
@@ -418,13 +431,21 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_pipeline_args(args: argparse.Namespace, fail: Callable[[str], NoReturn]) -> None:
+    """The split of --num-layers over the stages (and virtual stages) and the microbatches it needs."""
+    try:
+        check_pipeline_args(args, args.global_batch_size // (args.micro_batch_size * args.data_parallel_size))
+    except ValueError as e:
+        fail(str(e))
+
+
 def _check_distributed_args(args: argparse.Namespace, fail: Callable[[str], NoReturn]) -> None:
     """The TP x PP x DP grid of the world size, and the backend; fills data_parallel_size."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if tp < 1:
         fail(f"--tensor-model-parallel-size must be >= 1, got {tp}")
-    if pp != 1:
-        fail(f"--pipeline-model-parallel-size {pp}: only 1 is supported (tensor and data parallelism only)")
+    if pp < 1:
+        fail(f"--pipeline-model-parallel-size must be >= 1, got {pp}")
     if tp > args.world_size:
         fail(f"--tensor-model-parallel-size {tp} is larger than the world size {args.world_size}")
     if args.world_size % (tp * pp) != 0:
@@ -436,6 +457,12 @@ def _check_distributed_args(args: argparse.Namespace, fail: Callable[[str], NoRe
     if args.distributed_backend == "nccl" and args.world_size > 1 and not torch.cuda.is_available():
         fail(
             "--distributed-backend nccl needs CUDA GPUs, and none is visible: use --distributed-backend gloo"
+        )
+    if pp > 1 and (args.use_distributed_optimizer or (args.sequence_parallel and tp > 1)):
+        flag = "--use-distributed-optimizer" if args.use_distributed_optimizer else "--sequence-parallel"
+        fail(
+            f"{flag} with --pipeline-model-parallel-size {pp} is not supported yet (the tied embedding's "
+            "gradient sync and the stage-to-stage messages are not combined with it): drop one of the two"
         )
     if args.use_distributed_optimizer and args.optimizer != "adam":
         fail(
@@ -654,6 +681,7 @@ def validate_args(
     _check_distributed_args(args, fail)
     _check_model_args(args, fail)
     _check_training_args(args, fail)
+    _check_pipeline_args(args, fail)
     _check_learning_rate_args(args, fail)
     _check_mixed_precision_args(args, fail)
     _check_data_args(args, fail, require_data)

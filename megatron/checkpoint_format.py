@@ -4,7 +4,9 @@ On disk (checkpoint_version 3.0, as written by Megatron-LM and read by its conve
 
     <dir>/latest_checkpointed_iteration.txt        the last complete iteration, as text ("100"), or "release"
     <dir>/iter_0000100/mp_rank_00/model_optim_rng.pt   one file per tensor-parallel rank (7-digit iteration)
-    <dir>/iter_0000100/mp_rank_01_000/...            the form with a pipeline rank, used when pp > 1
+    <dir>/iter_0000100/mp_rank_01_002/...            the form with a pipeline rank, used when pp > 1; each
+                                                    stage numbers its layers from 0, and a last stage
+                                                    without the embedding stores `word_embeddings_for_head`
     <dir>/release/mp_rank_00/model_optim_rng.pt     a "release" checkpoint (weights to start from, no iteration)
 
 Each file is a torch.save'd dict: `args` (argparse.Namespace), `checkpoint_version` (3.0), `iteration`,
@@ -101,12 +103,19 @@ def tracker_text(iteration: int, release: bool = False) -> str:
 
 def count_tensor_parallel_shards(checkpoint_dir: str) -> int:
     """Number of distinct tensor-parallel ranks among the `mp_rank_XX[_YYY]` directories of a checkpoint."""
-    tp_ranks = set()
+    return count_shards(checkpoint_dir)[0]
+
+
+def count_shards(checkpoint_dir: str) -> tuple[int, int]:
+    """(tensor-parallel size, pipeline-parallel size) of a checkpoint from its `mp_rank_XX[_YYY]` dirs
+    (pipeline size 1 for the form without `_YYY`)."""
+    tp_ranks, pp_ranks = set(), set()
     for entry in os.listdir(checkpoint_dir):
         match = _SHARD_DIR_RE.fullmatch(entry)
         if match and os.path.isdir(os.path.join(checkpoint_dir, entry)):
             tp_ranks.add(int(match.group(1)))
-    return len(tp_ranks)
+            pp_ranks.add(int(match.group(2) or 0))
+    return len(tp_ranks), len(pp_ranks)
 
 
 def _nesting_depth(parts: list[str]) -> int:

@@ -45,7 +45,7 @@ from megatron.checkpoint_format import (
     SHARD_FILENAME,
     TRACKER_FILENAME,
     CheckpointError,
-    count_tensor_parallel_shards,
+    count_shards,
     from_megatron_state_dict,
     get_checkpoint_dir,
     get_checkpoint_name,
@@ -124,14 +124,14 @@ def save_checkpoint(
     distrib_optim_state = sharded_optimizer_state(optimizer)  # collective over DP; None unless ZeRO
 
     error: Optional[Exception] = None
-    if parallel.dp_rank == 0:  # one writer per TP rank
-        shard_path = os.path.join(temp_dir, shard_dir_name(parallel.tp_rank), SHARD_FILENAME)
+    if parallel.dp_rank == 0:  # one writer per TP rank and pipeline stage
+        shard_path = os.path.join(temp_dir, _shard_dir(parallel), SHARD_FILENAME)
         try:
             state = {
                 "args": args,
                 "checkpoint_version": CHECKPOINT_VERSION,
                 "iteration": iteration,
-                "model": to_megatron_state_dict(model.state_dict()),
+                **_model_states(model),
             }
             if save_optim:
                 state["optimizer"] = None if optimizer is None else optimizer.state_dict()
@@ -329,19 +329,18 @@ def load_checkpoint(
         return 0, None
     tracked_iteration, release = metadata
     checkpoint_dir = _existing_checkpoint_dir(load_dir, tracked_iteration, release)
-    _check_tensor_parallel_size(
-        count_tensor_parallel_shards(checkpoint_dir), parallel.tp_size, checkpoint_dir
-    )
-    path = os.path.join(checkpoint_dir, shard_dir_name(parallel.tp_rank), SHARD_FILENAME)
+    _check_grid_size(*count_shards(checkpoint_dir), parallel, checkpoint_dir)
+    path = os.path.join(checkpoint_dir, _shard_dir(parallel), SHARD_FILENAME)
     print_rank_0(parallel, f"loading checkpoint from {load_dir} at iteration {tracked_iteration}")
     state = _load_file(path, mmap=False)
     checkpoint_args = state.get("args")
     if checkpoint_args is not None and hasattr(checkpoint_args, "tensor_model_parallel_size"):
-        _check_tensor_parallel_size(checkpoint_args.tensor_model_parallel_size, parallel.tp_size, path)
+        saved_pp = getattr(checkpoint_args, "pipeline_model_parallel_size", 1)
+        _check_grid_size(checkpoint_args.tensor_model_parallel_size, saved_pp, parallel, path)
     _check_version(state, path)
 
     try:
-        model.load_state_dict(from_megatron_state_dict(state["model"]), strict=strict)
+        _load_model_states(model, state, strict)
     except (KeyError, RuntimeError) as e:
         differences = [] if run_args is None else model_flag_differences(checkpoint_args, run_args)
         if differences:
@@ -414,13 +413,38 @@ def _existing_checkpoint_dir(load_dir: str, iteration: int, release: bool) -> st
     )
 
 
-def _check_tensor_parallel_size(saved: int, current: int, where: str) -> None:
-    if saved == 0:
+def _shard_dir(parallel: ParallelState) -> str:
+    """`mp_rank_TT`, or `mp_rank_TT_PPP` under pipeline parallelism (Megatron's names)."""
+    return shard_dir_name(parallel.tp_rank, parallel.pp_rank if parallel.pp_size > 1 else None)
+
+
+def _model_states(model: nn.Module) -> dict[str, Any]:
+    """{"model": nested state} or, for the v chunks of an interleaved pipeline stage (an nn.ModuleList),
+    {"model0": .., "model1": ..} as Megatron writes them; each chunk numbers its layers from 0."""
+    if isinstance(model, nn.ModuleList):
+        return {f"model{i}": to_megatron_state_dict(chunk.state_dict()) for i, chunk in enumerate(model)}
+    return {"model": to_megatron_state_dict(model.state_dict())}
+
+
+def _load_model_states(model: nn.Module, state: dict[str, Any], strict: bool) -> None:
+    """Inverse of `_model_states` (KeyError when the file holds another number of chunks)."""
+    if isinstance(model, nn.ModuleList):
+        for i, chunk in enumerate(model):
+            chunk.load_state_dict(from_megatron_state_dict(state[f"model{i}"]), strict=strict)
+    else:
+        model.load_state_dict(from_megatron_state_dict(state["model"]), strict=strict)
+
+
+def _check_grid_size(saved_tp: int, saved_pp: int, parallel: ParallelState, where: str) -> None:
+    if saved_tp == 0:
         raise CheckpointError(f"{where}: no mp_rank_XX shard directories found")
-    if saved != current:
+    if (saved_tp, saved_pp) != (parallel.tp_size, parallel.pp_size):
         raise CheckpointError(
-            f"{where} was saved with tensor-model-parallel size {saved} but this run uses {current}; "
-            f"run with --tensor-model-parallel-size {saved} or reshard the checkpoint with tools/checkpoint"
+            f"{where} was saved with --tensor-model-parallel-size {saved_tp} x --pipeline-model-parallel-size "
+            f"{saved_pp} but this run uses {parallel.tp_size} x {parallel.pp_size}; run with the saved sizes or "
+            f"convert it: python tools/checkpoint/reshard.py --load CHECKPOINT --save NEW_DIR "
+            f"--target-tensor-model-parallel-size {parallel.tp_size} "
+            f"--target-pipeline-model-parallel-size {parallel.pp_size}"
         )
 
 

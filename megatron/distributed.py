@@ -308,3 +308,16 @@ class DistributedDataParallel(nn.Module):
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load into the wrapped module (keys without a 'module.' prefix)."""
         return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def all_reduce_embedding_grads(module: nn.Module, parallel: ParallelState) -> None:
+    """Keep the two copies of the tied word embedding equal: on the first and the last pipeline stage,
+
+        main_grad <- main_grad(first stage's word_embeddings) + main_grad(last stage's word_embeddings_for_head)
+
+    one SUM all-reduce over the embedding group, after the data-parallel reduction. Both copies then get
+    the gradient of the one shared weight and the same optimizer update. A no-op without pipelining.
+    """
+    for param in module.parameters():
+        if getattr(param, "pipeline_tied", False):
+            all_reduce(param.main_grad, parallel.embedding_group)

@@ -1,18 +1,20 @@
 """pretrain(): parse arguments, build model/optimizer/data, train with evaluation, logging and checkpoints.
 
-One iteration (`train_step`):
+One iteration (`train_step`), through the pipeline schedule of the grid (megatron.schedules):
 
-    for each of the n microbatches (all but the last under model.no_sync()):
-        loss_i = mean over the loss mask of the per-token loss
+    for each of the n microbatches (all but the last backward under model.no_sync()):
+        loss_i = mean over the loss mask of the per-token loss         (on the last pipeline stage)
         backward(loss_scale * loss_i / n)            # fp32 gradient accumulation in param.main_grad
-    all-reduce gradients over the data-parallel group (bucketed, overlapped with the last backward)
+    all-reduce gradients over the data-parallel group (bucketed, overlapped with the last backward),
+    then the tied word embedding's over the embedding group (first and last stage)
+    losses from the last stage to every stage of the pipeline (all log and check the same numbers)
     optimizer step (unscale, skip on inf/nan, clip by the global norm, update fp32 main weights)
     learning-rate scheduler advances by the global batch size (in samples)
 
 Entry scripts (pretrain_gpt.py, pretrain_bert.py) supply three functions:
 
     train_valid_test_datasets_provider(num_samples: [train, valid, test], args) -> (train, valid, test)
-    model_provider(args, parallel, run) -> nn.Module
+    model_provider(args, parallel, run[, stage=StageLayout]) -> nn.Module   (stage: a pipeline stage's layers)
     forward_step(data_iterator, model, args, parallel, *, run) -> (output, loss_func)
         where loss_func(output) -> (loss: scalar tensor, {name: scalar tensor} to log)
 
@@ -51,8 +53,10 @@ from megatron.microbatches import MicroBatchCalculator
 from megatron.model.utils import hardware_flops
 from megatron.optimizer import MegatronOptimizer, OptimizerConfig, build_optimizer
 from megatron.parallel.collectives import all_reduce, any_rank
-from megatron.parallel.state import ParallelState, print_rank_0
+from megatron.parallel.state import ParallelState, describe_grid, print_rank_0, print_rank_last
+from megatron.pipeline import PipelineSetupError, build_model, forward_backward, forward_only
 from megatron.run_state import RunState
+from megatron.schedules import broadcast_from_last_stage
 from megatron.tokenizer import build_tokenizer
 from megatron.training_log import IntervalLogger, ScalarWriter, StepStats, StepTimers, format_eval_block
 
@@ -184,19 +188,14 @@ def train_step(
     grad (0 unless --log-num-zeros-in-grad)).
     """
     optimizer.zero_grad()
-    stats = []
     with timers.phase("forward-backward") if timers else nullcontext():
-        for i in range(num_microbatches):
-            sync = nullcontext() if i == num_microbatches - 1 else model.no_sync()
-            with sync:
-                output, loss_func = forward_step(data_iterator, model, args, parallel)
-                loss, logged = loss_func(output)
-                optimizer.scale_loss(loss / num_microbatches).backward()
-            stats.append(logged)
-        model.finish_grad_sync()
+        stats = forward_backward(
+            forward_step, data_iterator, model, num_microbatches, args, parallel, optimizer.scale_loss
+        )
     with timers.phase("optimizer") if timers else nullcontext():
         update_successful, grad_norm, num_zeros = optimizer.step()
-    return _average_over_dp(stats, parallel), update_successful, grad_norm, num_zeros
+    losses = broadcast_from_last_stage(_average_over_dp(stats, parallel), parallel)
+    return losses, update_successful, grad_norm, num_zeros
 
 
 @torch.no_grad()
@@ -212,11 +211,9 @@ def evaluate(
     model.eval()
     stats = []
     for _ in range(args.eval_iters):
-        for _ in range(num_microbatches):
-            output, loss_func = forward_step(data_iterator, model, args, parallel)
-            stats.append(loss_func(output)[1])
+        stats += forward_only(forward_step, data_iterator, model, num_microbatches, args, parallel)
     model.train()
-    return _average_over_dp(stats, parallel)
+    return broadcast_from_last_stage(_average_over_dp(stats, parallel), parallel)
 
 
 def evaluate_and_print(
@@ -235,7 +232,7 @@ def evaluate_and_print(
         return None
     losses = evaluate(forward_step, data_iterator, model, num_microbatches, args, parallel)
     run.consumed_valid_samples += args.eval_iters * args.global_batch_size
-    print_rank_0(parallel, format_eval_block(prefix, losses))
+    print_rank_last(parallel, format_eval_block(prefix, losses))
     tag = prefix.split()[0]
     scalars = {f"{name} {tag}": v for name, v in losses.items()}
     scalars.update({f"{name} {tag} ppl": math.exp(min(20.0, v)) for name, v in losses.items()})
@@ -248,7 +245,7 @@ def setup_model_and_optimizer(
 ) -> tuple[DistributedDataParallel, MegatronOptimizer, OptimizerParamScheduler]:
     """Build the model in fp32 (TP-independent initialisation), cast it to the training dtype, wrap it
     for data parallelism, and build the optimizer and its learning-rate scheduler."""
-    model = model_provider(args, parallel, run)
+    model = build_model(model_provider, args, parallel, run)
     if args.params_dtype != torch.float32:
         model = model.to(dtype=args.params_dtype)
     if torch.cuda.is_available():
@@ -341,7 +338,7 @@ def pretrain(
     args = parse_args(argv, extra_args_provider, args_defaults)
     try:
         return _pretrain(train_valid_test_datasets_provider, model_provider, forward_step, args)
-    except (CheckpointError, TrainingError, FileNotFoundError) as e:
+    except (CheckpointError, TrainingError, PipelineSetupError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
 
@@ -365,7 +362,7 @@ def _pretrain(
     run = RunState.from_tokenizer(tokenizer, args)
     print_rank_0(
         parallel,
-        f"> world size {args.world_size}: tensor-parallel {parallel.tp_size} x data-parallel {parallel.dp_size}; "
+        f"> world size {args.world_size}: {describe_grid(parallel)}; "
         f"vocab {tokenizer.vocab_size} padded to {run.padded_vocab_size}",
     )
     model, optimizer, scheduler = setup_model_and_optimizer(model_provider, args, parallel, run)
@@ -467,7 +464,7 @@ def _train_loop(
         args.global_batch_size, args.micro_batch_size, parallel.dp_size, args.rampup_batch_size
     )
     model.train()
-    logger = IntervalLogger(args, train_iters, writer, partial(print_rank_0, parallel))
+    logger = IntervalLogger(args, train_iters, writer, partial(print_rank_last, parallel))
     while run.iteration < train_iters:
         calculator.update(run.consumed_train_samples)
         global_batch = calculator.current_global_batch_size

@@ -88,6 +88,12 @@ def check_task_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         for path in getattr(args, flag) or []:
             if not os.path.exists(path):
                 fail(f"--{flag.replace('_', '-')}: no such file or directory: {path}")
+    if args.pipeline_model_parallel_size > 1 and task not in ZERO_SHOT_TASKS:
+        fail(
+            f"--task {task} (fine-tuning) runs with --pipeline-model-parallel-size 1 (its classification models "
+            "are not split into stages yet): convert the checkpoint with tools/checkpoint/reshard.py "
+            "--target-pipeline-model-parallel-size 1"
+        )
     if task in ZERO_SHOT_TASKS:
         for flag in ("train_data", "epochs", "pretrained_checkpoint"):
             if getattr(args, flag) is not None:

@@ -66,7 +66,77 @@ def test_valid_args_derive_defaults():
         (["--save-interval", "5"], 1, "--save-interval needs --save"),
         (["--split", "a,b"], 1, "--split 'a,b' must be comma-separated numbers"),
         (["--hidden-dropout", "1.5"], 1, "--hidden-dropout must be in [0, 1)"),
-        (["--pipeline-model-parallel-size", "2"], 2, "only 1 is supported"),
+        (
+            ["--num-layers", "3", "--pipeline-model-parallel-size", "2"],
+            2,
+            "--num-layers (3) is not divisible",
+        ),
+        (
+            ["--pipeline-model-parallel-size", "4"],
+            4,
+            "--pipeline-model-parallel-size 4 is larger than --num-layers 2",
+        ),
+        (
+            [
+                "--num-layers",
+                "4",
+                "--pipeline-model-parallel-size",
+                "2",
+                "--virtual-pipeline-model-parallel-size",
+                "4",
+            ],
+            2,
+            "--num-layers 4 is not divisible by --pipeline-model-parallel-size 2 x virtual stages 4",
+        ),
+        (
+            [
+                "--num-layers",
+                "4",
+                "--pipeline-model-parallel-size",
+                "2",
+                "--num-layers-per-virtual-pipeline-stage",
+                "1",
+                "--global-batch-size",
+                "6",
+            ],
+            2,
+            "to be a multiple of --pipeline-model-parallel-size 2",
+        ),
+        (
+            ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
+            6,
+            "world size 6 is not divisible by --tensor-model-parallel-size 2 x --pipeline-model-parallel-size 2",
+        ),
+        (
+            [
+                "--num-layers",
+                "4",
+                "--pipeline-model-parallel-size",
+                "2",
+                "--decoder-first-pipeline-num-layers",
+                "3",
+                "--decoder-last-pipeline-num-layers",
+                "2",
+            ],
+            2,
+            "leave -1 of --num-layers 4 for the other 0 stage(s)",
+        ),
+        (
+            ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer"],
+            4,
+            "--use-distributed-optimizer with --pipeline-model-parallel-size 2 is not supported yet",
+        ),
+        (
+            [
+                "--pipeline-model-parallel-size",
+                "2",
+                "--tensor-model-parallel-size",
+                "2",
+                "--sequence-parallel",
+            ],
+            4,
+            "--sequence-parallel with --pipeline-model-parallel-size 2 is not supported yet",
+        ),
         (["--min-lr", "1.0"], 1, "--min-lr 1.0 is larger than --lr"),
         (["--lr-warmup-iters", "10"], 1, "--lr-warmup-iters 10 must be smaller than --lr-decay-iters"),
     ],
@@ -205,3 +275,15 @@ def test_only_mmap_datasets(capsys):
 def test_nccl_without_gpu_is_named(capsys):
     message = _error(capsys, BASE + ["--distributed-backend", "nccl"], world_size=2)
     assert "--distributed-backend nccl needs CUDA GPUs" in message
+
+
+def test_pipeline_flags_derive_the_virtual_size():
+    from megatron.parallel.pipeline_layout import virtual_pipeline_size
+
+    flags = ["--num-layers", "8", "--pipeline-model-parallel-size", "2", "--global-batch-size", "4"]
+    args = parse_args(BASE + flags + ["--num-layers-per-virtual-pipeline-stage", "2"], world_size=2)
+    assert args.virtual_pipeline_model_parallel_size == 2 and virtual_pipeline_size(args) == 2
+    args = parse_args(BASE + flags + ["--virtual-pipeline-model-parallel-size", "4"], world_size=2)
+    assert args.virtual_pipeline_model_parallel_size == 4 and virtual_pipeline_size(args) == 4
+    args = parse_args(BASE + flags, world_size=2)
+    assert args.virtual_pipeline_model_parallel_size is None and virtual_pipeline_size(args) == 1

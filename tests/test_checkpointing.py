@@ -638,7 +638,9 @@ def test_tensor_parallel_size_mismatch_is_an_error(tp2_run) -> None:
     assert count_tensor_parallel_shards(os.path.join(save_dir, "iter_0000007")) == 2
     parallel = single_process_state()
     with pytest.raises(
-        CheckpointError, match="tensor-model-parallel size 2 but this run uses 1.*tools/checkpoint"
+        CheckpointError,
+        match="--tensor-model-parallel-size 2 x --pipeline-model-parallel-size 1 but this run uses 1 x 1.*"
+        "tools/checkpoint/reshard.py",
     ):
         load_checkpoint(GPTModel(_config(), parallel), None, None, save_dir, parallel)
 

@@ -31,11 +31,13 @@ def _run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.parametrize("model, script", [("gpt", "single_node.sh"), ("bert", "multi_node.sh")])
-def test_torchrun_scripts_train(tmp_path, model, script):
-    env = _env(tmp_path, NPROC="2", TP="2", MASTER_PORT=str(free_port()))
+@pytest.mark.parametrize(
+    "model, script, tp, pp", [("gpt", "single_node.sh", 2, 1), ("bert", "multi_node.sh", 1, 2)]
+)
+def test_torchrun_scripts_train(tmp_path, model, script, tp, pp):
+    env = _env(tmp_path, NPROC="2", TP=str(tp), PP=str(pp), MASTER_PORT=str(free_port()))
     proc = _run(["bash", str(LAUNCH / script), model], env)
-    assert "tensor-parallel 2 x data-parallel 1" in proc.stdout
+    assert f"tensor-parallel {tp} x pipeline-parallel {pp} x data-parallel 1" in proc.stdout
     assert " iteration        4/       4 |" in proc.stdout
     assert "lm loss:" in proc.stdout
 
@@ -69,5 +71,5 @@ def test_slurm_template_runs_under_srun(tmp_path):
     env.pop("WORLD_SIZE", None)
     env.pop("RANK", None)
     proc = _run(["bash", str(LAUNCH / "slurm.sbatch"), "gpt"], env)
-    assert "tensor-parallel 1 x data-parallel 2" in proc.stdout
+    assert "tensor-parallel 1 x pipeline-parallel 1 x data-parallel 2" in proc.stdout
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"

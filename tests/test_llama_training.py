@@ -100,7 +100,7 @@ def test_llama_launch_example_trains_and_exports(tmp_path):
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (
-        "tensor-parallel 2 x data-parallel 1" in proc.stdout
+        "tensor-parallel 2 x pipeline-parallel 1 x data-parallel 1" in proc.stdout
         and " iteration        4/       4 |" in proc.stdout
     )
     export_hf.main(["--load", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")])

@@ -325,9 +325,9 @@ def test_lambada_end_to_end(zeroshot_setup, capsys):
         assert 0 < expected < easy["num_examples"] == 24  # " of the" is learnt, ", and" is not
 
 
-def _zeroshot_at(rank: int, world_size: int, setup: dict, tp: int) -> tuple[float, int]:
-    load = setup["tmp"] / ("ckpt_tp2" if tp == 2 else "ckpt")
-    tp_flag = ["--tensor-model-parallel-size", str(tp)]
+def _zeroshot_at(rank: int, world_size: int, setup: dict, tp: int, pp: int = 1) -> tuple[float, int]:
+    load = setup["tmp"] / ("ckpt_tp2" if tp == 2 else "ckpt_pp2" if pp == 2 else "ckpt")
+    tp_flag = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp)]
     wiki = tasks_main.main(
         _argv("WIKITEXT103", setup["wikitext"], load, "--overlapping-eval", "16", *tp_flag)
     )
@@ -341,6 +341,19 @@ def test_tensor_and_data_parallel_match_one_process(zeroshot_setup):
         for loss, correct in run_distributed(_zeroshot_at, world_size, args=(zeroshot_setup, tp)):
             assert loss == pytest.approx(reference_loss, rel=1e-5), (world_size, tp)
             assert correct == reference_correct, (world_size, tp)
+
+
+def test_pipeline_parallel_matches_one_process(zeroshot_setup):
+    """WikiText-103 loss and LAMBADA accuracy from a PP 2 reshard of the checkpoint, on 2 stages."""
+    from tools.checkpoint import reshard
+
+    s = zeroshot_setup
+    reshard.main(["--load", str(s["tmp"] / "ckpt"), "--save", str(s["tmp"] / "ckpt_pp2"), "--force",
+                  "--target-tensor-model-parallel-size", "1", "--target-pipeline-model-parallel-size", "2"])  # fmt: skip
+    reference_loss, reference_correct = _zeroshot_at(0, 1, s, tp=1)
+    for loss, correct in run_distributed(_zeroshot_at, 2, args=(s, 1, 2)):
+        assert loss == pytest.approx(reference_loss, rel=1e-5)
+        assert correct == reference_correct
 
 
 # --- user errors ---------------------------------------------------------------------------------------
@@ -377,6 +390,16 @@ def test_flag_errors_are_clean(zeroshot_setup, tmp_path, capsys):
     assert code == 2 and f"--valid-data: no such file or directory: {tmp_path / 'missing.txt'}" in err
     code, err = _exit(_argv("LAMBADA", s["lambada"], tmp_path, "--num-layers", "2"), capsys)
     assert code == 2 and "--use-checkpoint-args" in err and str(tmp_path) in err
+
+
+def test_pipeline_parallel_fine_tuning_is_refused(zeroshot_setup, capsys, monkeypatch):
+    s = zeroshot_setup
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # flags are checked before any process group is joined
+    code, err = _exit(
+        _argv("MNLI", s["wikitext"], s["tmp"] / "ckpt", "--pipeline-model-parallel-size", "2"), capsys
+    )
+    assert code == 2 and "--pipeline-model-parallel-size 1" in err and "tools/checkpoint/reshard.py" in err
 
 
 def test_cli_error_has_no_traceback(zeroshot_setup, tmp_path):

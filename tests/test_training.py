@@ -220,7 +220,11 @@ def test_tp_mismatch_is_a_clear_error(tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0
     assert "tensor" in proc.stderr.lower() and "1" in proc.stderr and "2" in proc.stderr
-    assert "was saved with tensor-model-parallel size 1 but this run uses 2" in proc.stderr
+    assert (
+        "was saved with --tensor-model-parallel-size 1 x --pipeline-model-parallel-size 1 but this run uses 2 x 1"
+        in proc.stderr
+    )
+    assert "tools/checkpoint/reshard.py" in proc.stderr
     # torchrun's own agent prints a traceback of itself; none may come from our code.
     assert f'File "{ROOT}/megatron' not in proc.stderr and 'pretrain_gpt.py", line' not in proc.stderr
 

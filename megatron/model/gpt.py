@@ -8,9 +8,16 @@ import torch
 from torch import Tensor, nn
 
 from megatron.model.config import TransformerConfig
-from megatron.model.language_model import TransformerLanguageModel, parallel_lm_logits
+from megatron.model.language_model import (
+    TransformerLanguageModel,
+    mark_pipeline_tied,
+    output_embedding_weight,
+    parallel_lm_logits,
+    word_embeddings_for_head,
+)
 from megatron.model.transformer import InferenceParams
 from megatron.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron.parallel.pipeline_layout import StageLayout
 from megatron.parallel.state import ParallelState
 
 
@@ -20,19 +27,36 @@ class GPTModel(nn.Module):
     Every TP rank holds 1/p of the vocabulary rows of the word embeddings, 1/p of the heads and of the MLP
     columns (megatron.model.transformer); the logits are split over the vocabulary. Parameters are drawn
     from the default torch generator as full tensors and sliced, so the same seed gives the same model at
-    any TP size.
+    any TP size, and at any pipeline layout (a stage draws the whole model's weights up to its own).
+
+    `stage` builds one pipeline stage (megatron.parallel.pipeline_layout): its forward then takes the
+    previous stage's hidden states through `set_input_tensor` and, except on the last stage, returns its
+    hidden states [batch, seq, h]. A last stage that does not hold the embedding keeps its own copy of the
+    tied weight, `word_embeddings_for_head`.
     """
 
     def __init__(
-        self, config: TransformerConfig, parallel: ParallelState, parallel_output: bool = True
+        self,
+        config: TransformerConfig,
+        parallel: ParallelState,
+        parallel_output: bool = True,
+        stage: Optional[StageLayout] = None,
     ) -> None:
         super().__init__()
         self.parallel = parallel
         self.parallel_output = parallel_output
         self.sequence_parallel = config.sequence_parallel and parallel.tp_size > 1
         self.language_model = TransformerLanguageModel(
-            config, parallel, causal=True, add_pooler=False, gather_sequence_output=False
+            config, parallel, causal=True, add_pooler=False, gather_sequence_output=False, stage=stage
         )
+        self.post_process = self.language_model.stage.post_process
+        if self.post_process and not self.language_model.stage.pre_process:
+            self.word_embeddings_for_head = word_embeddings_for_head(self.language_model)
+        mark_pipeline_tied(self)
+
+    def set_input_tensor(self, input_tensor: Optional[Tensor]) -> None:
+        """The previous pipeline stage's output [batch, seq, h], the input of the next forward."""
+        self.language_model.set_input_tensor(input_tensor)
 
     def forward(
         self,
@@ -42,7 +66,7 @@ class GPTModel(nn.Module):
         labels: Optional[Tensor] = None,
         inference_params: Optional[InferenceParams] = None,
     ) -> Tensor:
-        """Logits, or the per-token loss when `labels` are given.
+        """Logits, or the per-token loss when `labels` are given (the hidden states on a stage before the last).
 
         input_ids, position_ids, labels: [batch, seq] int. attention_mask: None (plain causal attention) or
         Megatron's boolean mask broadcastable to [batch, 1, seq, seq], True where attention is NOT allowed
@@ -64,7 +88,9 @@ class GPTModel(nn.Module):
                 )
             allowed = ~attention_mask
         hidden, _ = self.language_model(input_ids, position_ids, allowed, inference_params=inference_params)
-        weight = self.language_model.output_weight()
+        if not self.post_process:
+            return hidden
+        weight = output_embedding_weight(self)
         sp = self.sequence_parallel  # hidden holds this rank's s/p positions: gathered for the output layer
         if labels is None:
             return parallel_lm_logits(

@@ -34,6 +34,7 @@ from megatron.parallel.mappings import (
     gather_from_tensor_model_parallel_region,
     scatter_to_sequence_parallel_region,
 )
+from megatron.parallel.pipeline_layout import StageLayout
 from megatron.parallel.random import get_rng_tracker
 from megatron.parallel.state import ParallelState
 
@@ -142,10 +143,18 @@ class Pooler(nn.Module):
 
 
 class TransformerLanguageModel(nn.Module):
-    """embedding -> encoder (transformer layers + final layernorm) [-> pooler].
+    """embedding -> encoder (transformer layers + final layernorm) [-> pooler], or one pipeline stage of it.
 
-    Submodule names (`embedding`, `encoder`, `pooler`) are those of Megatron-LM's checkpoints. With
-    sequence parallelism the hidden states come out as this rank's s/p positions, unless
+    Submodule names (`embedding`, `encoder`, `pooler`) are those of Megatron-LM's checkpoints. `stage`
+    (default: the whole model) says which layers to build and whether this stage holds the embedding
+    (pre_process) and the final layernorm and pooler (post_process). A stage without the embedding takes
+    its input from `set_input_tensor` (the previous stage's output, given by the pipeline schedule).
+    Every stage draws the initial weights of the whole model up to its last part from the default
+    generator, in the whole model's order, and keeps its own parts, so the weights do not depend on the
+    pipeline layout; a last stage without the embedding keeps the drawn word embedding for
+    `take_drawn_word_embeddings` (its tied copy).
+
+    With sequence parallelism the hidden states come out as this rank's s/p positions, unless
     `gather_sequence_output`: then the sequence is all-gathered for consumers that are duplicated on every
     TP rank (BERT's pooler and heads), whose gradient each rank keeps its own positions of.
     """
@@ -157,6 +166,7 @@ class TransformerLanguageModel(nn.Module):
         causal: bool,
         add_pooler: bool,
         gather_sequence_output: bool = True,
+        stage: Optional[StageLayout] = None,
     ) -> None:
         super().__init__()
         check_config(config, parallel)
@@ -164,16 +174,22 @@ class TransformerLanguageModel(nn.Module):
             gather_sequence_output and config.sequence_parallel and parallel.tp_size > 1
         )
         self.tp_group = parallel.tp_group
-        self.embedding = Embedding(config, parallel)
+        self.stage = StageLayout.whole(config.num_layers) if stage is None else stage
+        pre, post = self.stage.pre_process, self.stage.post_process
+        embedding = Embedding(config, parallel)
+        self.embedding: Optional[Embedding] = embedding if pre else None
+        self.tied_output = not config.untie_embeddings_and_output_weights
+        tied_copy = post and not pre and self.tied_output
+        self._drawn_word_embeddings = [embedding.word_embeddings] if tied_copy else []
         self.rotary_pos_emb: Optional[RotaryEmbedding] = None
-        if config.position_embedding_type == "rope":
+        if config.position_embedding_type == "rope":  # on every stage: each layer rotates its q and k
             self.rotary_pos_emb = RotaryEmbedding(
                 config.kv_channels, config.rotary_percent, config.rotary_base
             )
-        self.encoder = ParallelTransformer(config, parallel, causal)
-        self.pooler: Optional[Pooler] = Pooler(config) if add_pooler else None
+        self.encoder = ParallelTransformer(config, parallel, causal, self.stage.layers, post)
+        self.pooler: Optional[Pooler] = Pooler(config) if add_pooler and post else None
         self.output_layer: Optional[ColumnParallelLinear] = None
-        if config.untie_embeddings_and_output_weights:
+        if config.untie_embeddings_and_output_weights and post:
             self.output_layer = ColumnParallelLinear(
                 config.hidden_size,
                 config.padded_vocab_size,
@@ -182,10 +198,19 @@ class TransformerLanguageModel(nn.Module):
                 init_std=config.init_method_std,
                 params_dtype=config.params_dtype,
             )
+        self.input_tensor: Optional[Tensor] = None
+
+    def take_drawn_word_embeddings(self) -> VocabParallelEmbedding:
+        """The word embedding a last stage without the embedding drew (equal to the first stage's), once."""
+        return self._drawn_word_embeddings.pop()
+
+    def set_input_tensor(self, input_tensor: Optional[Tensor]) -> None:
+        """The hidden states [batch, seq, h] from the previous pipeline stage, used by the next forward."""
+        self.input_tensor = input_tensor
 
     def output_weight(self) -> Tensor:
         """This rank's vocabulary slice [V/p, h] of the output layer: output_layer's, or the word embeddings'
-        when tied."""
+        when tied (on the whole model or a stage holding the embedding)."""
         if self.output_layer is not None:
             return self.output_layer.weight
         return self.embedding.word_embeddings.weight
@@ -198,20 +223,61 @@ class TransformerLanguageModel(nn.Module):
         tokentype_ids: Optional[Tensor] = None,
         inference_params: Optional[InferenceParams] = None,
     ) -> tuple[Tensor, Optional[Tensor]]:
-        """-> (hidden [batch, seq, h] after the final layernorm, pooled [batch, h] or None).
+        """-> (hidden [batch, seq, h] after the final layernorm (before it on a stage without it), pooled
+        [batch, h] or None).
 
         `allowed`: None or a boolean mask broadcastable to [batch, heads, seq, seq], True where a query may
         attend to a key (see megatron.model.transformer). `inference_params`: the KV cache of incremental
-        decoding; the input_ids are then the new tokens, at the positions given by position_ids.
+        decoding; the input_ids are then the new tokens, at the positions given by position_ids. On a stage
+        without the embedding the input is the tensor given to `set_input_tensor`.
         """
-        embeddings = self.embedding(input_ids, position_ids, tokentype_ids)
+        if self.embedding is not None:
+            x = self.embedding(input_ids, position_ids, tokentype_ids)
+        elif self.input_tensor is None:
+            raise RuntimeError(
+                "a pipeline stage without the embedding needs set_input_tensor() before forward"
+            )
+        else:
+            x = self.input_tensor
         rotary = None
         if self.rotary_pos_emb is not None:
             if position_ids is None:
                 raise ValueError("position_ids are required with rotary position embeddings")
             rotary = self.rotary_pos_emb(position_ids)
-        hidden = self.encoder(embeddings, allowed, inference_params, rotary)
+        hidden = self.encoder(x, allowed, inference_params, rotary)
         if self.gather_sequence_output:
             hidden = gather_from_sequence_parallel_region(hidden, self.tp_group, grad_is_partial=False)
         pooled = self.pooler(hidden) if self.pooler is not None else None
         return hidden, pooled
+
+
+def word_embeddings_for_head(language_model: TransformerLanguageModel) -> VocabParallelEmbedding:
+    """The last stage's copy of the tied word embedding (Megatron's `word_embeddings_for_head`): the word
+    embedding the stage drew as the whole model does, so it starts bitwise equal to the first stage's. The
+    schedule all-reduces the two gradients over the embedding group each step, so the copies stay equal.
+    It is marked `shared`: the gradient norm counts only the first stage's copy."""
+    head = language_model.take_drawn_word_embeddings()
+    head.weight.shared = True
+    return head
+
+
+def output_embedding_weight(model: nn.Module) -> Tensor:
+    """The output-layer weight of a GPT/BERT last stage: the untied output layer's, its own word
+    embeddings when it also holds the embedding, else its `word_embeddings_for_head` copy."""
+    language_model = model.language_model
+    if language_model.output_layer is not None or language_model.embedding is not None:
+        return language_model.output_weight()
+    return model.word_embeddings_for_head.weight
+
+
+def mark_pipeline_tied(model: nn.Module) -> None:
+    """Mark the copies of the tied word embedding held by a stage that does not hold both ends: the first
+    stage's input embedding and the last stage's `word_embeddings_for_head` (gradients all-reduced over
+    the embedding group)."""
+    stage = model.language_model.stage
+    if not model.language_model.tied_output or (stage.pre_process and stage.post_process):
+        return  # an untied output layer, or both ends on this stage: nothing crosses stages
+    if stage.pre_process and not stage.post_process:
+        model.language_model.embedding.word_embeddings.weight.pipeline_tied = True
+    if stage.post_process and not stage.pre_process:
+        model.word_embeddings_for_head.weight.pipeline_tied = True

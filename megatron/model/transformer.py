@@ -411,7 +411,14 @@ class ParallelTransformerLayer(nn.Module):
 
 
 class ParallelTransformer(nn.Module):
-    """`num_layers` transformer layers followed by the final layernorm.
+    """Transformer layers followed by the final layernorm.
+
+    `layers` are the global numbers of the layers to keep (all of config.num_layers by default; a pipeline
+    stage keeps its own block, stored as layers.0, layers.1, .. as Megatron numbers them in a stage's
+    checkpoint). The layers before the block are built too and dropped: their initial weights are drawn
+    from the default generator exactly as the whole model draws them, so the block gets the weights it
+    has in the whole model whatever the pipeline layout. `final_layernorm` is False on all but the last
+    pipeline stage.
 
     recompute_granularity 'full' recomputes each whole layer in backward (only its input is kept);
     'selective' recomputes only the attention core softmax(QK^T)V inside each layer (its s^2 activations
@@ -419,14 +426,24 @@ class ParallelTransformer(nn.Module):
     are identical in the recomputation.
     """
 
-    def __init__(self, config: TransformerConfig, parallel: ParallelState, causal: bool) -> None:
+    def __init__(
+        self,
+        config: TransformerConfig,
+        parallel: ParallelState,
+        causal: bool,
+        layers: Optional[range] = None,
+        final_layernorm: bool = True,
+    ) -> None:
         super().__init__()
         self.full_recompute = config.recompute_granularity == "full"
-        self.layers = nn.ModuleList(
-            ParallelTransformerLayer(config, parallel, causal, layer_number=n)
-            for n in range(config.num_layers)
-        )
-        self.final_layernorm = build_norm(config)
+        layers = range(config.num_layers) if layers is None else layers
+        kept = []
+        for n in range(layers.stop):
+            layer = ParallelTransformerLayer(config, parallel, causal, layer_number=n)
+            if n in layers:
+                kept.append(layer)
+        self.layers = nn.ModuleList(kept)
+        self.final_layernorm: Optional[nn.Module] = build_norm(config) if final_layernorm else None
         if config.sequence_parallel and parallel.tp_size > 1:
             for param in self.parameters():  # duplicated over TP, applied to s/p of the sequence
                 if not getattr(param, "tensor_model_parallel", False):
@@ -439,11 +456,12 @@ class ParallelTransformer(nn.Module):
         inference_params: Optional[InferenceParams] = None,
         rotary_pos_emb: Optional[tuple[Tensor, Tensor]] = None,
     ) -> Tensor:
-        """x: [batch, seq, hidden] (embeddings) -> [batch, seq, hidden] (after the final layernorm).
+        """x: [batch, seq, hidden] (embeddings, or the previous stage's output) -> [batch, seq, hidden]
+        (after the final layernorm when this block has it).
 
         With `inference_params` (the KV cache) every layer appends the keys and values of the seq new
-        tokens, and the cache's sequence_len_offset then advances by seq. `rotary_pos_emb`: RoPE's (cos, sin)
-        of the positions of x, or None."""
+        tokens, and the cache's sequence_len_offset then advances by seq (each pipeline stage keeps its own
+        cache). `rotary_pos_emb`: RoPE's (cos, sin) of the positions of x, or None."""
         for layer in self.layers:
             if inference_params is not None:
                 x = layer(x, allowed, inference_params, rotary_pos_emb)
@@ -453,4 +471,4 @@ class ParallelTransformer(nn.Module):
                 x = layer(x, allowed, None, rotary_pos_emb)
         if inference_params is not None:
             inference_params.sequence_len_offset += x.size(1)
-        return self.final_layernorm(x)
+        return x if self.final_layernorm is None else self.final_layernorm(x)

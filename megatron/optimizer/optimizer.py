@@ -5,7 +5,7 @@ p has `p.main_grad`: its fp32 gradient, summed over microbatches and averaged ov
 `step()` then does
 
     1. fp16 only: g <- g / S for every main_grad g (S = current loss scale)
-    2. ||g|| (global L2 norm over TP, duplicated params counted once) and found_inf (any inf/nan)
+    2. ||g|| (global L2 norm over TP x PP, duplicates counted once) and found_inf (any inf/nan)
     3. fp16 only: update the loss scale (see grad_scaler.py)
     4. found_inf: skip the update, return (False, None, 0)      -- for bf16/fp32 this is a "nan iteration"
     5. clip_grad > 0 and ||g|| > clip_grad: g <- g * clip_grad / (||g|| + 1e-6)
@@ -140,7 +140,8 @@ class MegatronOptimizer:
         if not torch_groups:
             raise ValueError("the model has no trainable parameters")
         self._counted_in_norm = [
-            param_is_not_tensor_parallel_duplicate(p, parallel) for p in self._model_params
+            param_is_not_tensor_parallel_duplicate(p, parallel) and not getattr(p, "shared", False)
+            for p in self._model_params
         ]
         self.optimizer = _torch_optimizer(torch_groups, config)
 

@@ -72,7 +72,10 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def position_table_size(model: nn.Module) -> Optional[int]:
-    """Number of learned positions of a GPTModel (None with ALiBi, which has no position table)."""
+    """Number of learned positions of a GPTModel (None with ALiBi, which has no position table); a
+    pipeline stage (PipelinedGPT) states it, since only the first stage holds the table."""
+    if hasattr(model, "position_table_size"):
+        return model.position_table_size
     table = model.language_model.embedding.position_embeddings
     return None if table is None else table.num_embeddings
 

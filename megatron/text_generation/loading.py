@@ -6,8 +6,9 @@ checkpoint's model and tokenizer arguments (megatron.arguments.CHECKPOINT_MODEL_
 dtype) over them, then applies the tokenizer-file overrides given on the command line (for a checkpoint
 whose stored --vocab-file/--merge-file/--tokenizer-model paths have moved). Dropout is off.
 
-The tensor-parallel size must be the checkpoint's (reshard with tools/checkpoint/reshard.py otherwise);
-the world size may be a multiple of it (data-parallel replicas that generate the same text).
+The tensor- and pipeline-parallel sizes are the checkpoint's (reshard with tools/checkpoint/reshard.py
+to change them); the world size may be a multiple of TP x PP (data-parallel replicas that generate the
+same text). Under PP each rank builds its stage, wrapped in PipelinedGPT so that it returns the logits.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import contextlib
 import sys
 
 import torch
+from torch import nn
 
 from megatron.arguments import (
     CHECKPOINT_MODEL_ARGS,
@@ -26,8 +28,10 @@ from megatron.arguments import (
 )
 from megatron.checkpointing import CheckpointError, load_args_from_checkpoint, load_checkpoint
 from megatron.initialize import initialize_megatron
-from megatron.model import GPTModel
+from megatron.model import GPTModel, TransformerConfig
+from megatron.parallel.pipeline_layout import stage_layouts
 from megatron.parallel.state import ParallelState
+from megatron.text_generation.pipelined import PipelinedGPT
 from megatron.tokenizer import AbstractTokenizer, TokenizerConfigError, build_tokenizer
 
 TOKENIZER_FILE_FLAGS = ("vocab_file", "merge_file", "tokenizer_model")
@@ -90,18 +94,50 @@ def inference_args(cli: argparse.Namespace) -> argparse.Namespace:
             f"--tensor-model-parallel-size {saved_tp} (torchrun --nproc_per_node {saved_tp}) or reshard the "
             "checkpoint with tools/checkpoint/reshard.py"
         )
-    args.world_size = world_size_from_env()
-    if args.world_size % saved_tp != 0:
+    saved_pp = getattr(saved, "pipeline_model_parallel_size", 1)
+    if (getattr(saved, "virtual_pipeline_model_parallel_size", None) or 1) > 1:
         raise CheckpointError(
-            f"the world size {args.world_size} is not a multiple of --tensor-model-parallel-size {saved_tp}; "
-            f"launch with torchrun --nproc_per_node {saved_tp}"
+            f"{cli.load} holds interleaved (virtual) pipeline stages; convert it for generation with "
+            "tools/checkpoint/reshard.py (its output has one chunk per stage)"
+        )
+    args.world_size = world_size_from_env()
+    if args.world_size % (saved_tp * saved_pp) != 0:
+        raise CheckpointError(
+            f"the world size {args.world_size} is not a multiple of tensor-parallel {saved_tp} x pipeline-parallel "
+            f"{saved_pp}, the checkpoint's layout; launch with torchrun --nproc_per_node {saved_tp * saved_pp}"
         )
     args.load = cli.load
     args.tensor_model_parallel_size = saved_tp
+    args.pipeline_model_parallel_size = saved_pp
+    for name in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"):
+        setattr(args, name, getattr(saved, name, None))
     args.seed = cli.seed
     args.distributed_backend = cli.distributed_backend
     args.distributed_timeout_minutes = cli.distributed_timeout_minutes
     return args
+
+
+def build_inference_model(
+    config: TransformerConfig, args: argparse.Namespace, parallel: ParallelState
+) -> nn.Module:
+    """The GPTModel with full-vocabulary logits, or under PP this rank's stage of it in a PipelinedGPT
+    (which returns the same logits on every stage); load weights into `inference_stage(model)`."""
+    if parallel.pp_size == 1:
+        return GPTModel(config, parallel, parallel_output=False)
+    layout = stage_layouts(
+        args.num_layers,
+        parallel.pp_size,
+        first=getattr(args, "decoder_first_pipeline_num_layers", None),
+        last=getattr(args, "decoder_last_pipeline_num_layers", None),
+    )[parallel.pp_rank][0]
+    stage = GPTModel(config, parallel, parallel_output=False, stage=layout)
+    positions = args.max_position_embeddings if args.position_embedding_type == "learned_absolute" else None
+    return PipelinedGPT(stage, parallel, args.hidden_size, config.padded_vocab_size, positions)
+
+
+def inference_stage(model: nn.Module) -> nn.Module:
+    """The module whose state dict a checkpoint holds: the stage inside a PipelinedGPT, else the model."""
+    return model.stage_model if isinstance(model, PipelinedGPT) else model
 
 
 def load_model_for_inference(
@@ -120,12 +156,13 @@ def load_model_for_inference(
             f"{args.padded_vocab_size} rows: is --vocab-file the one the model was trained with?"
         )
     parallel = initialize_megatron(args)
-    model = GPTModel(transformer_config_from_args(args), parallel, parallel_output=False)
+    model = build_inference_model(transformer_config_from_args(args), args, parallel)
     model = model.to(dtype=args.params_dtype)
     if torch.cuda.is_available():
         model = model.cuda()
     with contextlib.redirect_stdout(sys.stderr):
         load_checkpoint(
-            model, None, None, args.load, parallel, no_load_optim=True, no_load_rng=True, finetune=True
-        )
+            inference_stage(model), None, None, args.load, parallel,
+            no_load_optim=True, no_load_rng=True, finetune=True,
+        )  # fmt: skip
     return model.eval(), tokenizer, parallel

@@ -3,11 +3,11 @@
 # Defaults give a tiny model on synthetic data, so every launch script runs as shown on a CPU laptop.
 #   DATA_PATH   dataset prefix(es) from tools/preprocess_data.py  (default: --mock-data)
 #   VOCAB_FILE, MERGE_FILE   tokenizer files (default: NullTokenizer with VOCAB_SIZE ids)
-#   TP (tensor-parallel size), NUM_LAYERS, HIDDEN, HEADS, SEQ, MBS, GBS, ITERS, LR, SAVE, LOAD, EXTRA_ARGS
+#   TP (tensor-parallel size), PP (pipeline-parallel size; TP x PP must divide the process count), NUM_LAYERS, HIDDEN, HEADS, SEQ, MBS, GBS, ITERS, LR, SAVE, LOAD, EXTRA_ARGS
 set -euo pipefail
 MODEL="${MODEL:-gpt}"
 ARGS=(
-  --tensor-model-parallel-size "${TP:-1}"
+  --tensor-model-parallel-size "${TP:-1}" --pipeline-model-parallel-size "${PP:-1}"
   --num-layers "${NUM_LAYERS:-2}" --hidden-size "${HIDDEN:-64}" --num-attention-heads "${HEADS:-4}"
   --seq-length "${SEQ:-64}" --max-position-embeddings "${SEQ:-64}"
   --micro-batch-size "${MBS:-4}" --global-batch-size "${GBS:-8}"

@@ -32,9 +32,9 @@ from torch import Tensor, nn
 
 from megatron.arguments import transformer_config_from_args
 from megatron.checkpointing import CheckpointError, load_checkpoint, read_metadata
-from megatron.model import GPTModel
 from megatron.parallel.state import ParallelState, print_rank_0
 from megatron.run_state import padded_vocab_size
+from megatron.text_generation.loading import build_inference_model, inference_stage
 from megatron.tokenizer import AbstractTokenizer
 from tasks.eval_utils import model_device, sum_over_dataset
 from tasks.zeroshot_gpt.datasets import LambadaDataset, build_wikitext_data, lambada_protocol
@@ -78,18 +78,20 @@ def batch_num_correct(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return right.all(dim=1).sum()
 
 
-def build_model(args: argparse.Namespace, parallel: ParallelState, padded_vocab_size: int) -> GPTModel:
-    """The GPT model of the flags with the weights of --load (required by tasks/main.py), in eval mode."""
+def build_model(args: argparse.Namespace, parallel: ParallelState, padded_vocab_size: int) -> nn.Module:
+    """The GPT model of the flags with the weights of --load (required by tasks/main.py), in eval mode;
+    under PP this rank's stage in a PipelinedGPT, which returns the full logits on every stage."""
     if read_metadata(args.load) is None:
         raise CheckpointError(f"--load {args.load}: no checkpoint there (latest_checkpointed_iteration.txt)")
-    model = GPTModel(transformer_config_from_args(args, padded_vocab_size), parallel, parallel_output=False)
-    model = model.to(dtype=args.params_dtype)
+    config = transformer_config_from_args(args, padded_vocab_size)
+    model = build_inference_model(config, args, parallel).to(dtype=args.params_dtype)
     if torch.cuda.is_available():
         model = model.cuda()
     run_args = argparse.Namespace(**dict(vars(args), padded_vocab_size=padded_vocab_size))
     load_checkpoint(
-        model, None, None, args.load, parallel, no_load_optim=True, no_load_rng=True, run_args=run_args
-    )
+        inference_stage(model), None, None, args.load, parallel, no_load_optim=True, no_load_rng=True,
+        run_args=run_args,
+    )  # fmt: skip
     return model.eval()
 
 

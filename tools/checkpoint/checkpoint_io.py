@@ -38,6 +38,7 @@ from megatron.checkpoint_format import (
     to_megatron_state_dict,
     tracker_text,
 )
+from tools.checkpoint.pp_layout import merge_stages
 
 _SHARD_DIR_RE = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?")
 
@@ -49,13 +50,18 @@ class ToolError(Exception):
 @dataclass
 class LoadedCheckpoint:
     """Every TP shard of one checkpoint: `shards[r]` is the file of TP rank r as `torch.load` returns it
-    (keys args, checkpoint_version, iteration, model, optimizer, opt_param_scheduler, rng_state)."""
+    (keys args, checkpoint_version, iteration, model, optimizer, opt_param_scheduler, rng_state).
+
+    A pipeline-parallel checkpoint (`pp_size` > 1 stages) is read as the whole model: `shards[r]` is then
+    stage 0's file of TP rank r with `model` replaced by all stages merged (tools/checkpoint/pp_layout.py)
+    and `optimizer` by None (optimizer states are not merged across stages)."""
 
     load_dir: str
     checkpoint_dir: str
     iteration: int
     release: bool
     shards: list[dict[str, Any]]
+    pp_size: int = 1
 
     @property
     def tp_size(self) -> int:
@@ -72,7 +78,8 @@ class LoadedCheckpoint:
         return args
 
     def shard_path(self, tp_rank: int) -> str:
-        return os.path.join(self.checkpoint_dir, shard_dir_name(tp_rank), SHARD_FILENAME)
+        pp_rank = 0 if self.pp_size > 1 else None
+        return os.path.join(self.checkpoint_dir, shard_dir_name(tp_rank, pp_rank), SHARD_FILENAME)
 
     def model_shards(self) -> list[dict[str, Tensor]]:
         """The model of each TP rank as a flat state dict (`language_model.encoder.layers.0....`)."""
@@ -83,8 +90,9 @@ def load_checkpoint_shards(load_dir: str) -> LoadedCheckpoint:
     """Read the checkpoint that `<load_dir>/latest_checkpointed_iteration.txt` names, all TP ranks.
 
     Raises ToolError naming the path when there is no tracker, the tracked dir or a shard file is missing
-    or unreadable, the shard dirs are not mp_rank_00 .. mp_rank_{p-1}, the checkpoint is pipeline-parallel,
-    or its checkpoint_version orders QKV differently (< 2.0).
+    or unreadable, the shard dirs are not mp_rank_00 .. mp_rank_{p-1} (or mp_rank_TT_PPP for every TT and
+    PPP), or its checkpoint_version orders QKV differently (< 2.0). Pipeline stages are merged (see
+    LoadedCheckpoint).
     """
     if not os.path.isdir(load_dir):
         raise ToolError(f"--load {load_dir}: no such directory")
@@ -104,12 +112,18 @@ def load_checkpoint_shards(load_dir: str) -> LoadedCheckpoint:
             f"{get_checkpoint_tracker_filename(load_dir)} names {tracker_text(iteration, release)!r} "
             f"but {checkpoint_dir} does not exist"
         )
-    tp_size = _count_shards(checkpoint_dir)
+    tp_size, pp_size = _count_shards(checkpoint_dir)
     shards = []
     for tp_rank in range(tp_size):
-        path = get_checkpoint_name(load_dir, iteration, tp_rank, release=release)
-        shards.append(_load_shard(path))
-    loaded = LoadedCheckpoint(load_dir, checkpoint_dir, iteration, release, shards)
+        if pp_size == 1:
+            shards.append(_load_shard(get_checkpoint_name(load_dir, iteration, tp_rank, release=release)))
+            continue
+        stages = [
+            _load_shard(get_checkpoint_name(load_dir, iteration, tp_rank, pp_rank, release=release))
+            for pp_rank in range(pp_size)
+        ]
+        shards.append(_merged_stages(stages, checkpoint_dir))
+    loaded = LoadedCheckpoint(load_dir, checkpoint_dir, iteration, release, shards, pp_size)
     saved_tp = getattr(loaded.args, "tensor_model_parallel_size", tp_size)
     if saved_tp != tp_size:
         raise ToolError(
@@ -119,27 +133,43 @@ def load_checkpoint_shards(load_dir: str) -> LoadedCheckpoint:
     return loaded
 
 
-def _count_shards(checkpoint_dir: str) -> int:
-    """p for shard dirs mp_rank_00 .. mp_rank_{p-1}; ToolError for none, gaps, or pipeline ranks."""
-    tp_ranks = set()
+def _merged_stages(stages: list[dict[str, Any]], checkpoint_dir: str) -> dict[str, Any]:
+    """One TP rank's pipeline stages as a single-file state holding the whole model (see LoadedCheckpoint)."""
+    args = stages[0].get("args")
+    if args is None:
+        raise ToolError(
+            f"{checkpoint_dir}: stage 0 holds no 'args'; the tools need the model's shape from them"
+        )
+    try:
+        whole = merge_stages(stages, args, checkpoint_dir)
+    except ValueError as e:
+        raise ToolError(str(e)) from None
+    return {**stages[0], "model": to_megatron_state_dict(whole), "optimizer": None}
+
+
+def _count_shards(checkpoint_dir: str) -> tuple[int, int]:
+    """(t, p) for shard dirs mp_rank_00 .. mp_rank_{t-1}, or mp_rank_TT_PPP for all TT < t and PPP < p;
+    ToolError for none, gaps, or a mix of the two forms."""
+    found = set()
     for entry in os.listdir(checkpoint_dir):
         match = _SHARD_DIR_RE.fullmatch(entry)
         if match is None or not os.path.isdir(os.path.join(checkpoint_dir, entry)):
             continue
-        if match.group(2) is not None:
-            raise ToolError(
-                f"{os.path.join(checkpoint_dir, entry)}: pipeline-parallel checkpoints (mp_rank_XX_YYY) "
-                "are not supported; this project trains with --pipeline-model-parallel-size 1"
-            )
-        tp_ranks.add(int(match.group(1)))
-    if not tp_ranks:
+        found.add((int(match.group(1)), None if match.group(2) is None else int(match.group(2))))
+    if not found:
         raise ToolError(f"{checkpoint_dir} holds no mp_rank_XX shard directories")
-    if tp_ranks != set(range(len(tp_ranks))):
-        missing = sorted(set(range(max(tp_ranks) + 1)) - tp_ranks)
-        raise ToolError(
-            f"{checkpoint_dir}: shard dirs of TP ranks {missing} are missing (found {sorted(tp_ranks)})"
-        )
-    return len(tp_ranks)
+    tp_ranks = {tp for tp, _ in found}
+    pp_ranks = {pp for _, pp in found}
+    if None in pp_ranks and len(pp_ranks) > 1:
+        raise ToolError(f"{checkpoint_dir} mixes mp_rank_XX and mp_rank_XX_YYY shard directories")
+    pp_size = 1 if None in pp_ranks else len(pp_ranks)
+    expected = {
+        (tp, None if None in pp_ranks else pp) for tp in range(len(tp_ranks)) for pp in range(pp_size)
+    }
+    if found != expected:
+        missing = sorted(shard_dir_name(tp, pp) for tp, pp in expected - found)
+        raise ToolError(f"{checkpoint_dir}: shard dirs {missing} are missing (incomplete checkpoint)")
+    return len(tp_ranks), pp_size
 
 
 def _load_shard(path: str) -> dict[str, Any]:
@@ -185,16 +215,21 @@ def write_checkpoint(
     iteration: int,
     release: bool,
     shards: list[dict[str, Any]],
+    pp_size: int = 1,
     extra_files: Optional[list[dict[str, Any]]] = None,
 ) -> None:
-    """Write `shards[r]` to `<save_dir>/{iter_XXXXXXX|release}/mp_rank_{r:02d}/model_optim_rng.pt` (and each
-    `extra_files[r][filename]` beside it, e.g. distrib_optim.pt) and the tracker file. `save_dir` is meant
-    to be the temporary folder of `atomic_output_dir`."""
-    for tp_rank, state in enumerate(shards):
-        path = get_checkpoint_name(save_dir, iteration, tp_rank, release=release)
+    """Write `shards[r]` to `<save_dir>/{iter_XXXXXXX|release}/mp_rank_{r:02d}/model_optim_rng.pt` and the
+    tracker file; with `pp_size` > 1, `shards[t * pp_size + p]` to `mp_rank_{t:02d}_{p:03d}`. Each
+    `extra_files[i][filename]` (e.g. distrib_optim.pt) is written beside shard i. `save_dir` is meant to be
+    the temporary folder of `atomic_output_dir`."""
+    for index, state in enumerate(shards):
+        tp_rank, pp_rank = divmod(index, pp_size)
+        path = get_checkpoint_name(
+            save_dir, iteration, tp_rank, pp_rank if pp_size > 1 else None, release=release
+        )
         os.makedirs(os.path.dirname(path), exist_ok=True)
         torch.save(state, path)
-        for filename, content in (extra_files[tp_rank] if extra_files else {}).items():
+        for filename, content in (extra_files[index] if extra_files else {}).items():
             torch.save(content, os.path.join(os.path.dirname(path), filename))
     with open(get_checkpoint_tracker_filename(save_dir), "w", encoding="utf-8") as f:
         f.write(tracker_text(iteration, release))

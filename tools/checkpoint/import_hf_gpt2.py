@@ -41,6 +41,7 @@ from tools.checkpoint.checkpoint_io import (
 )
 from tools.checkpoint.hf_common import copy_tokenizer_file
 from tools.checkpoint.hf_packages import missing_package_exit
+from tools.checkpoint.pp_layout import split_stages
 from tools.checkpoint.tp_layout import repad_vocab, split_whole
 
 try:
@@ -58,6 +59,12 @@ def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--save", required=True, help="Checkpoint folder to create (must not exist).")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size of the output.")
     parser.add_argument(
+        "--pipeline-model-parallel-size",
+        type=int,
+        default=1,
+        help="Pipeline stages of the output (even split).",
+    )
+    parser.add_argument(
         "--make-vocab-size-divisible-by",
         type=int,
         default=128,
@@ -73,6 +80,8 @@ def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tensor_model_parallel_size < 1:
         parser.error("--tensor-model-parallel-size must be >= 1")
+    if args.pipeline_model_parallel_size < 1:
+        parser.error("--pipeline-model-parallel-size must be >= 1")
     if args.make_vocab_size_divisible_by < 1:
         parser.error("--make-vocab-size-divisible-by must be >= 1")
     if args.iteration is not None and args.iteration < 0:
@@ -165,7 +174,13 @@ def megatron_args(
 
 
 def import_gpt2(
-    hf_dir: str, save_dir: str, tp: int, divisible_by: int, iteration: Optional[int], force: bool = False
+    hf_dir: str,
+    save_dir: str,
+    tp: int,
+    divisible_by: int,
+    iteration: Optional[int],
+    force: bool = False,
+    pp: int = 1,
 ) -> argparse.Namespace:
     """Write the checkpoint of the GPT-2 in `hf_dir` to `save_dir` (see the module docstring); return its args."""
     if not os.path.isdir(hf_dir):
@@ -189,14 +204,23 @@ def import_gpt2(
     has_tokenizer = all(os.path.isfile(os.path.join(hf_dir, n)) for n in ("vocab.json", "merges.txt"))
     final_dir = os.path.abspath(save_dir)
     args = megatron_args(config, tp, divisible_by, dtypes.pop(), final_dir if has_tokenizer else None)
-    shards = split_whole(repad_vocab(model, args.padded_vocab_size), tp)
+    args.pipeline_model_parallel_size = pp
+    args.world_size = tp * pp
+    try:
+        shards = [
+            stage
+            for shard in split_whole(repad_vocab(model, args.padded_vocab_size), tp)
+            for stage in split_stages(shard, config.n_layer, pp, "--pipeline-model-parallel-size")
+        ]
+    except ValueError as e:
+        raise ToolError(str(e)) from None
     release = iteration is None
     with atomic_output_dir(save_dir, force, "--save") as temp_dir:
         if has_tokenizer:
             copy_tokenizer_file(os.path.join(hf_dir, "vocab.json"), temp_dir, "vocab.json", "vocab file")
             copy_tokenizer_file(os.path.join(hf_dir, "merges.txt"), temp_dir, "merges.txt", "merges file")
         states = [shard_file_state(args, iteration or 0, shard) for shard in shards]
-        write_checkpoint(temp_dir, iteration or 0, release, states)
+        write_checkpoint(temp_dir, iteration or 0, release, states, pp)
     return args
 
 
@@ -211,13 +235,15 @@ def main(argv: Optional[list[str]] = None) -> None:
             args.make_vocab_size_divisible_by,
             args.iteration,
             args.force,
+            args.pipeline_model_parallel_size,
         )
     except (ToolError, OSError) as e:  # OSError: unreadable input, full disk, no permission
         raise SystemExit(f"error: {e}") from None
     print(
         f"imported {args.hf_dir} into {args.save}: {saved.num_layers} layers, hidden {saved.hidden_size}, "
         f"{saved.num_attention_heads} heads, padded vocabulary {saved.padded_vocab_size}, "
-        f"tensor-parallel size {saved.tensor_model_parallel_size}"
+        f"tensor-parallel size {saved.tensor_model_parallel_size}, pipeline-parallel size "
+        f"{saved.pipeline_model_parallel_size}"
     )
     if saved.vocab_file is None:
         print("note: no vocab.json/merges.txt in --hf-dir; pass --vocab-file/--merge-file when training")

@@ -236,9 +236,11 @@ def reshard_distrib_optim(
     model_shards: list[dict[str, Tensor]],
     target_tp: int,
     padded_vocab_size: int,
+    swiglu: bool = False,
 ) -> list[dict[str, Any]]:
     """The distrib_optim.pt content of each target TP rank: every per-parameter tensor ("param",
-    "exp_avg", "exp_avg_sq") merged, re-padded and split like its parameter; "step" and "optimizer" copied."""
+    "exp_avg", "exp_avg_sq") merged, re-padded and split like its parameter (SwiGLU's [gate; up] halves
+    each on their own when `swiglu`); "step" and "optimizer" copied."""
     _check_same_across_ranks([{k: v for k, v in d.items() if k != "param_state"} for d in distrib_shards],
                              "distrib_optim.pt step / optimizer")  # fmt: skip
     for tp_rank, (distrib, model) in enumerate(zip(distrib_shards, model_shards)):
@@ -251,8 +253,8 @@ def reshard_distrib_optim(
     split = {}
     for key in keys:
         per_rank = [{name: e[key] for name, e in d["param_state"].items()} for d in distrib_shards]
-        whole = repad_vocab(merge_shards(per_rank, f"distrib_optim {key}"), padded_vocab_size)
-        split[key] = split_whole(whole, target_tp)
+        whole = repad_vocab(merge_shards(per_rank, f"distrib_optim {key}", swiglu), padded_vocab_size)
+        split[key] = split_whole(whole, target_tp, swiglu)
     new = []
     for tp_rank in range(target_tp):
         names = split[keys[0]][tp_rank]

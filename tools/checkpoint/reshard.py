@@ -1,6 +1,15 @@
-"""Reshape a checkpoint to another tensor-parallel (TP) size: merge shards, re-pad the vocabulary, split.
+"""Reshape a checkpoint to another tensor-parallel (TP) x pipeline-parallel (PP) layout: merge shards and
+stages, re-pad the vocabulary, split.
 
     python tools/checkpoint/reshard.py --load ckpt_tp2 --save ckpt_tp1 --target-tensor-model-parallel-size 1
+    python tools/checkpoint/reshard.py --load ckpt_tp2_pp2 --save ckpt_tp1_pp4 \
+        --target-tensor-model-parallel-size 1 --target-pipeline-model-parallel-size 4
+
+Pipeline stages are merged into the whole model on reading and split evenly on writing
+(tools/checkpoint/pp_layout.py): each target stage `mp_rank_TT_PPP` holds its layers numbered from 0, and
+the last one the copy of the tied word embedding (`word_embeddings_for_head`). The optimizer state is
+kept (--keep-optimizer) only when neither side is pipeline-parallel; with PP the output is for
+--no-load-optim.
 
 The output is a complete checkpoint for `--tensor-model-parallel-size N` training or evaluation: the tracker,
 the same iteration (or release) dir, and one `mp_rank_XX/model_optim_rng.pt` per target rank holding
@@ -51,6 +60,7 @@ from tools.checkpoint.optimizer_state import (
     reshard_optimizer,
     reshard_shared_state,
 )
+from tools.checkpoint.pp_layout import split_stages
 from tools.checkpoint.tp_layout import merge_shards, repad_vocab, split_whole, target_padded_vocab_size
 
 
@@ -60,6 +70,12 @@ def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--save", required=True, help="New checkpoint folder to write (must not exist).")
     parser.add_argument(
         "--target-tensor-model-parallel-size", type=int, required=True, help="TP size of the output."
+    )
+    parser.add_argument(
+        "--target-pipeline-model-parallel-size",
+        type=int,
+        default=1,
+        help="PP size of the output (even split).",
     )
     parser.add_argument(
         "--keep-optimizer",
@@ -77,6 +93,8 @@ def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.target_tensor_model_parallel_size < 1:
         parser.error("--target-tensor-model-parallel-size must be >= 1")
+    if args.target_pipeline_model_parallel_size < 1:
+        parser.error("--target-pipeline-model-parallel-size must be >= 1")
     if args.true_vocab_size is not None and args.true_vocab_size < 1:
         parser.error("--true-vocab-size must be >= 1")
     return args
@@ -132,9 +150,14 @@ def _tokenizer_vocab_size(saved_args: argparse.Namespace) -> Optional[int]:
 
 
 def reshard_checkpoint(
-    checkpoint: LoadedCheckpoint, target_tp: int, keep_optimizer: bool, true_vocab_size: Optional[int]
+    checkpoint: LoadedCheckpoint,
+    target_tp: int,
+    keep_optimizer: bool,
+    true_vocab_size: Optional[int],
+    target_pp: int = 1,
 ) -> list[dict[str, Any]]:
-    """The file contents (one dict per target TP rank) of `checkpoint` resharded to `target_tp` ranks."""
+    """The file contents of `checkpoint` resharded to `target_tp` x `target_pp` ranks: one dict per target
+    TP rank, or with target_pp > 1 one per (TP rank, stage) at index tp_rank * target_pp + stage."""
     saved_args = checkpoint.args
     check_target_tp(saved_args, target_tp)
     padded_vocab_size = resolve_padded_vocab_size(saved_args, checkpoint.tp_size, target_tp, true_vocab_size)
@@ -144,6 +167,11 @@ def reshard_checkpoint(
     new_models = split_whole(whole, target_tp, swiglu)
 
     optimizers: list[Optional[dict[str, Any]]] = [None] * target_tp
+    if keep_optimizer and (checkpoint.pp_size > 1 or target_pp > 1):
+        raise ToolError(
+            "--keep-optimizer: optimizer states are not resharded across pipeline stages "
+            f"(source pipeline size {checkpoint.pp_size}, target {target_pp}); run without it"
+        )
     if keep_optimizer:
         optimizer_shards = [shard.get("optimizer") for shard in checkpoint.shards]
         if any(state is None for state in optimizer_shards):
@@ -159,21 +187,25 @@ def reshard_checkpoint(
 
     new_args = copy.copy(saved_args)
     new_args.tensor_model_parallel_size = target_tp
+    new_args.pipeline_model_parallel_size = target_pp
+    for name in ("virtual_pipeline_model_parallel_size", "decoder_first_pipeline_num_layers",
+                 "decoder_last_pipeline_num_layers", "num_layers_per_virtual_pipeline_stage"):  # fmt: skip
+        if hasattr(new_args, name):
+            setattr(new_args, name, None)  # the output is an even split without virtual stages
     new_args.padded_vocab_size = padded_vocab_size
     rng_states = reshard_rng_states(
         [shard.get("rng_state") for shard in checkpoint.shards], target_tp, getattr(saved_args, "seed", 1234)
     )
     scheduler = checkpoint.shards[0].get("opt_param_scheduler")
+    iteration = checkpoint.shards[0]["iteration"]
+    try:
+        stages = [split_stages(new_models[r], saved_args.num_layers, target_pp) for r in range(target_tp)]
+    except ValueError as e:
+        raise ToolError(str(e)) from None
     return [
-        shard_file_state(
-            new_args,
-            checkpoint.shards[0]["iteration"],
-            new_models[r],
-            optimizers[r],
-            scheduler,
-            rng_states[r],
-        )
+        shard_file_state(new_args, iteration, stages[r][p], optimizers[r], scheduler, rng_states[r])
         for r in range(target_tp)
+        for p in range(target_pp)
     ]
 
 
@@ -189,7 +221,8 @@ def reshard_distrib_optim_files(
         if not os.path.isfile(path):
             raise ToolError(f"--keep-optimizer: {path} not found (the distributed optimizer's state)")
         distrib.append(torch.load(path, map_location="cpu", weights_only=True))
-    new = reshard_distrib_optim(distrib, checkpoint.model_shards(), target_tp, padded_vocab_size)
+    swiglu = getattr(checkpoint.args, "swiglu", False)
+    new = reshard_distrib_optim(distrib, checkpoint.model_shards(), target_tp, padded_vocab_size, swiglu)
     return [{DISTRIB_OPTIM_FILENAME: content} for content in new]
 
 
@@ -232,19 +265,25 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         check_distinct_paths(args.load, args.save, "--load", "--save")
         checkpoint = load_checkpoint_shards(args.load)
-        target_tp = args.target_tensor_model_parallel_size
-        shards = reshard_checkpoint(checkpoint, target_tp, args.keep_optimizer, args.true_vocab_size)
+        target_tp, target_pp = (
+            args.target_tensor_model_parallel_size,
+            args.target_pipeline_model_parallel_size,
+        )
+        shards = reshard_checkpoint(
+            checkpoint, target_tp, args.keep_optimizer, args.true_vocab_size, target_pp
+        )
         padded = shards[0]["args"].padded_vocab_size
         extra = reshard_distrib_optim_files(checkpoint, target_tp, padded) if args.keep_optimizer else None
         with atomic_output_dir(args.save, args.force, "--save") as temp_dir:
-            write_checkpoint(temp_dir, checkpoint.iteration, checkpoint.release, shards, extra)
+            write_checkpoint(temp_dir, checkpoint.iteration, checkpoint.release, shards, target_pp, extra)
     except (ToolError, OSError) as e:  # OSError: unreadable input, full disk, no permission
         raise SystemExit(f"error: {e}") from None
     what = "release" if checkpoint.release else f"iteration {checkpoint.iteration}"
     old_vocab, new_vocab = checkpoint.args.padded_vocab_size, shards[0]["args"].padded_vocab_size
     print(
-        f"resharded {args.load} ({what}) from tensor-parallel size {checkpoint.tp_size} to {target_tp} "
-        f"into {args.save}; padded vocabulary {old_vocab} -> {new_vocab}"
+        f"resharded {args.load} ({what}) from tensor-parallel {checkpoint.tp_size} x pipeline-parallel "
+        f"{checkpoint.pp_size} to {target_tp} x {target_pp} into {args.save}; padded vocabulary "
+        f"{old_vocab} -> {new_vocab}"
     )
     if not args.keep_optimizer:
         print("optimizer state dropped: continue training from it with --no-load-optim")

@@ -1,0 +1,263 @@
+"""Pipeline-parallel training end to end (pretrain_gpt / pretrain_bert): the loss curve and every parameter
+after a few steps equal the single-process run (fp32, dropout off, every parameter randomised through a
+release checkpoint written per stage), the two copies of the tied embedding stay bitwise equal, the init
+does not depend on the layout, and loading a checkpoint of another layout is a clear error.
+
+The parameters are compared after SGD steps: Adam divides each gradient by its own running RMS, so a
+parameter whose exact gradient is zero (the key bias: softmax ignores a shift of all scores of a query)
+moves by about lr in the direction of its rounding noise, which differs with the summation order of any
+parallel layout."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import pretrain_bert
+import pretrain_gpt
+from megatron.checkpoint_format import (
+    from_megatron_state_dict,
+    get_checkpoint_name,
+    to_megatron_state_dict,
+)
+from megatron.model.utils import tensor_parallel_dim
+from megatron.parallel.pipeline_layout import global_key, stage_layouts
+from tests.distributed_utils import run_distributed
+from tests.shared_data import wikitext_gpt_dataset
+
+LAYERS = 4
+GPT_ARGS = (
+    f"--num-layers {LAYERS} --hidden-size 16 --num-attention-heads 2 --seq-length 16 --max-position-embeddings 16 "
+    "--micro-batch-size 2 --global-batch-size 8 --optimizer sgd --lr 0.5 --min-lr 0.05 --lr-decay-style cosine "
+    "--lr-warmup-iters 1 --train-iters 4 --log-interval 1 --eval-interval 1000 --eval-iters 1 --seed 7 "
+    "--hidden-dropout 0 --attention-dropout 0 --clip-grad 0.5 --make-vocab-size-divisible-by 2"
+).split()
+MOCK = "--mock-data --tokenizer-type NullTokenizer --vocab-size 120".split()
+BERT_ARGS = [*GPT_ARGS, *MOCK]
+
+
+@pytest.fixture(scope="module")
+def wikitext(tmp_path_factory) -> list[str]:
+    prefix, tokenizer_flags = wikitext_gpt_dataset(
+        tmp_path_factory.mktemp("wikitext"), num_docs=6, vocab_size=300
+    )
+    cache = tmp_path_factory.mktemp("cache")
+    return ["--data-path", prefix, "--split", "80,20,0", "--data-cache-path", str(cache), *tokenizer_flags]
+
+
+def _grid_flags(grid: dict) -> list[str]:
+    flags = [
+        "--tensor-model-parallel-size",
+        grid.get("tp", 1),
+        "--pipeline-model-parallel-size",
+        grid.get("pp", 1),
+    ]
+    if "vp" in grid:
+        flags += ["--virtual-pipeline-model-parallel-size", grid["vp"]]
+    if "first" in grid:
+        flags += ["--decoder-first-pipeline-num-layers", grid["first"]]
+    if "last" in grid:
+        flags += ["--decoder-last-pipeline-num-layers", grid["last"]]
+    return [str(f) for f in flags]
+
+
+def _layouts(grid: dict):
+    return stage_layouts(LAYERS, grid.get("pp", 1), grid.get("vp", 1), grid.get("first"), grid.get("last"))
+
+
+def _write_release(whole: dict, grid: dict, out: Path) -> None:
+    """The whole model's state split into the grid's shards as a 'release' checkpoint (weights only)."""
+    tp = grid.get("tp", 1)
+    pp = grid.get("pp", 1)
+    for pp_rank, chunks in enumerate(_layouts(grid)):
+        for tp_rank in range(tp):
+            models = {}
+            for index, stage in enumerate(chunks):
+                names = {_local(k, stage): k for k in whole if _held(k, stage)}
+                if stage.post_process and not stage.pre_process:
+                    names["word_embeddings_for_head.weight"] = (
+                        "language_model.embedding.word_embeddings.weight"
+                    )
+                flat = {}
+                for local, key in names.items():
+                    full, dim = whole[key], tensor_parallel_dim(key)
+                    flat[local] = full if dim is None else torch.chunk(full, tp, dim=dim)[tp_rank].clone()
+                    assert global_key(local, stage) == key  # the code's mapping agrees with ours
+                models["model" if len(chunks) == 1 else f"model{index}"] = to_megatron_state_dict(flat)
+            path = get_checkpoint_name(str(out), 0, tp_rank, pp_rank if pp > 1 else None, release=True)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            args = argparse.Namespace(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+            torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 0, **models}, path)
+    (out / "latest_checkpointed_iteration.txt").write_text("release")
+
+
+def _local(key: str, stage) -> str:
+    """A whole-model key as the stage numbers it: layers.n -> layers.(n - first layer of the stage)."""
+    if not key.startswith("language_model.encoder.layers."):
+        return key
+    number = int(key.split(".")[3])
+    return key.replace(f"layers.{number}.", f"layers.{number - stage.layers.start}.", 1)
+
+
+def _held(key: str, stage) -> bool:
+    """Does this chunk hold the whole-model key?"""
+    if key.startswith("language_model.encoder.layers."):
+        return int(key.split(".")[3]) in stage.layers
+    if key.startswith("language_model.embedding."):
+        return stage.pre_process
+    return stage.post_process  # final layernorm, pooler, BERT heads
+
+
+def _final_params(save_dir: Path, grid: dict) -> tuple[dict[str, torch.Tensor], list[tuple]]:
+    """Every parameter of the final checkpoint under its whole-model key (TP shards merged), and the pairs
+    (first stage's word embedding shard, last stage's word_embeddings_for_head shard)."""
+    tp = grid.get("tp", 1)
+    pp = grid.get("pp", 1)
+    iteration = int((save_dir / "latest_checkpointed_iteration.txt").read_text())
+    shards: dict[str, list] = {}
+    tied: dict[int, list] = {}
+    for pp_rank, chunks in enumerate(_layouts(grid)):
+        for tp_rank in range(tp):
+            path = get_checkpoint_name(str(save_dir), iteration, tp_rank, pp_rank if pp > 1 else None)
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            for index, stage in enumerate(chunks):
+                flat = from_megatron_state_dict(state["model" if len(chunks) == 1 else f"model{index}"])
+                for key, value in flat.items():
+                    if key == "word_embeddings_for_head.weight":
+                        tied.setdefault(tp_rank, []).append(value)
+                        continue
+                    if key == "language_model.embedding.word_embeddings.weight" and pp > 1:
+                        tied.setdefault(tp_rank, []).insert(0, value)
+                    shards.setdefault(global_key(key, stage), [None] * tp)[tp_rank] = value
+    merged = {}
+    for key, parts in shards.items():
+        dim = tensor_parallel_dim(key)
+        merged[key] = parts[0] if dim is None else torch.cat(parts, dim=dim)
+        if dim is None:
+            for part in parts[1:]:
+                assert torch.equal(part, parts[0]), key  # TP duplicates stay identical
+    return merged, [tuple(pair) for pair in tied.values()]
+
+
+def _run(rank: int, world_size: int, module_name: str, argv: list[str]) -> list[dict]:
+    """The losses of every iteration, then the final validation losses (evaluation goes through the
+    schedule too)."""
+    module = pretrain_gpt if module_name == "gpt" else pretrain_bert
+    summary = module.main(argv)
+    assert summary["valid"], "the test needs a validation split"
+    return [*summary["losses"], summary["valid"]]
+
+
+def _randomised_whole(module_name: str, data_flags: list[str], tmp: Path) -> dict[str, torch.Tensor]:
+    """The single-process model's weights after init, every parameter perturbed."""
+    module = pretrain_gpt if module_name == "gpt" else pretrain_bert
+    base = GPT_ARGS if module_name == "gpt" else BERT_ARGS
+    module.main([*base, *data_flags, "--train-iters", "1", "--lr", "0", "--min-lr", "0", "--lr-warmup-iters", "0",
+                 "--save", str(tmp / "init")])  # fmt: skip
+    params, _ = _final_params(tmp / "init", {})
+    gen = torch.Generator().manual_seed(3)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in params.items()}
+
+
+def _compare_with_single_process(
+    module_name: str, data_flags: list[str], grids: list[dict], tmp: Path
+) -> None:
+    base = GPT_ARGS if module_name == "gpt" else BERT_ARGS
+    whole = _randomised_whole(module_name, data_flags, tmp)
+    _write_release(whole, {}, tmp / "start_1")
+    reference = _run(
+        0, 1, module_name, [*base, *data_flags, "--load", str(tmp / "start_1"), "--save", str(tmp / "ref")]
+    )
+    expected, _ = _final_params(tmp / "ref", {})
+    for n, grid in enumerate(grids):
+        world = grid.get("tp", 1) * grid.get("pp", 1) * grid.get("dp", 1)
+        start, out = tmp / f"start_{n}_{world}", tmp / f"run_{n}"
+        _write_release(whole, grid, start)
+        argv = [*base, *data_flags, *_grid_flags(grid), "--load", str(start), "--save", str(out)]
+        curves = run_distributed(_run, world, args=(module_name, argv))
+        for curve in curves:  # every rank reports the last stage's losses
+            assert len(curve) == len(reference)
+            for got, want in zip(curve, reference):
+                for name in want:
+                    assert got[name] == pytest.approx(want[name], rel=1e-5), (grid, name, got, want)
+        params, tied = _final_params(out, grid)
+        assert set(params) == set(expected), grid
+        for key, value in params.items():
+            torch.testing.assert_close(
+                value, expected[key], rtol=1e-5, atol=1e-7, msg=lambda m, k=key, g=grid: f"{g} {k}: {m}"
+            )
+        for first, last in tied:
+            assert torch.equal(first, last), grid  # the two copies of the tied embedding stay bitwise equal
+        assert len(tied) == (grid.get("tp", 1) if grid.get("pp", 1) > 1 else 0)
+
+
+def test_gpt_pp2_tp2_pp2_pp2_dp2_equal_single_process(wikitext, tmp_path):
+    _compare_with_single_process(
+        "gpt", wikitext, [{"pp": 2}, {"tp": 2, "pp": 2}, {"pp": 2, "dp": 2}], tmp_path
+    )
+
+
+@pytest.mark.slow
+def test_gpt_virtual_and_uneven_stages_equal_single_process(wikitext, tmp_path):
+    grids = [{"pp": 2, "vp": 2}, {"pp": 2, "first": 1, "last": 3}]
+    _compare_with_single_process("gpt", wikitext, grids, tmp_path)
+
+
+@pytest.mark.slow
+def test_gpt_pp4_and_tp2_pp2_dp2_equal_single_process(wikitext, tmp_path):
+    _compare_with_single_process("gpt", wikitext, [{"pp": 4}, {"tp": 2, "pp": 2, "dp": 2}], tmp_path)
+
+
+@pytest.mark.slow
+def test_bert_pp2_equals_single_process(tmp_path):
+    _compare_with_single_process("bert", [], [{"pp": 2}], tmp_path)
+
+
+def _init_and_wrong_layout(rank: int, world_size: int, data_flags: list[str], tmp: str) -> tuple[list, str]:
+    losses = pretrain_gpt.main(
+        [*GPT_ARGS, *data_flags, "--pipeline-model-parallel-size", "2", "--save", tmp + "/pp2"]
+    )
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit):
+        pretrain_gpt.main(
+            [*GPT_ARGS, *data_flags, "--tensor-model-parallel-size", "2", "--load", tmp + "/pp2"]
+        )
+    return losses["losses"], stderr.getvalue()
+
+
+def test_init_does_not_depend_on_layout_and_other_layout_is_refused(wikitext, tmp_path):
+    reference = pretrain_gpt.main([*GPT_ARGS, *wikitext])["losses"]
+    for losses, error in run_distributed(_init_and_wrong_layout, 2, args=(wikitext, str(tmp_path))):
+        for got, want in zip(losses, reference):
+            assert got["lm loss"] == pytest.approx(want["lm loss"], rel=1e-5)
+        assert (
+            "--tensor-model-parallel-size 1 x --pipeline-model-parallel-size 2 but this run uses 2 x 1"
+            in error
+        )
+        assert "tools/checkpoint/reshard.py" in error and "Traceback" not in error
+
+
+def _diverge(rank: int, world_size: int) -> tuple[int, str]:
+    argv = [*GPT_ARGS, *MOCK, "--pipeline-model-parallel-size", "2", "--train-iters", "30", "--lr", "1e38",
+            "--min-lr", "1e37", "--clip-grad", "0", "--max-nan-iterations", "3"]  # fmt: skip
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as info:
+        pretrain_gpt.main(argv)
+    return info.value.code, stderr.getvalue()
+
+
+def test_nan_iterations_stop_every_stage_together():
+    """The last stage's NaN losses reach every stage (and found-inf is reduced over TP x PP): all stages
+    count the same bad iterations and stop at the same one with the same message, none waits forever."""
+    results = run_distributed(_diverge, 2)
+    assert [code for code, _ in results] == [1, 1]
+    messages = [
+        next(line for line in err.splitlines() if "consecutive iterations" in line) for _, err in results
+    ]
+    assert messages[0] == messages[1] and "Traceback" not in results[0][1] + results[1][1]
