@@ -4,7 +4,8 @@ clip_grad_norm_ 1.0), fp32. Called by `python benchmarks/train_throughput.py --a
 
 Both models are built once; then `--repeats` rounds each time `--iters` steps of one and then of the other
 (alternating which goes first), so slow drifts of the machine hit both alike. Printed: the median tokens/s of
-each over the rounds, every round's numbers, and the ratio of the medians.
+each over the rounds, every round's numbers, the ratio of the medians, and the median and range of the
+per-round ratios (the steadier number on a machine whose load changes).
 """
 
 from __future__ import annotations
@@ -155,3 +156,8 @@ def main(args: argparse.Namespace) -> None:
         )
     ratio = statistics.median(rates["ours"]) / statistics.median(rates["HF LlamaForCausalLM"])
     print(f"ours / HF LlamaForCausalLM (median tokens/s): {ratio:.2f}x")
+    # Each round times both back to back, so its ratio cancels slow drifts of a shared machine's load.
+    paired = sorted(o / h for o, h in zip(rates["ours"], rates["HF LlamaForCausalLM"]))
+    print(
+        f"ours / HF per round: median {statistics.median(paired):.2f}x, range {paired[0]:.2f}-{paired[-1]:.2f}x"
+    )

@@ -68,7 +68,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor) -> tuple[Tensor, None, None]:
         softmax, local_target, not_local = ctx.saved_tensors
         is_target = (~not_local).to(softmax.dtype).unsqueeze(-1)
-        # softmax - onehot(target), in place: the saved softmax is ours and read only here (no logits-sized copy)
+        # softmax - onehot(target), in place (saves a copy of the logits' size): the saved softmax is our own
+        # buffer; a second backward (retain_graph) fails on its bumped version instead of reading it.
         grad = softmax.scatter_add_(-1, local_target.unsqueeze(-1), -is_target)
         grad.mul_(grad_loss.float().unsqueeze(-1))
         return grad.to(ctx.logits_dtype), None, None
