@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,10 +35,12 @@ COMMUNICATION_FUNCTIONS = (
     "all_reduce_coalesced",
     "all_gather",
     "all_gather_into_tensor",
+    "all_gather_single",
     "_all_gather_base",
     "all_gather_coalesced",
     "all_gather_object",
     "reduce_scatter",
+    "reduce_scatter_single",
     "reduce_scatter_tensor",
     "_reduce_scatter_base",
     "reduce",
@@ -143,3 +146,17 @@ def record_collectives() -> Iterator[CollectiveLog]:
     finally:
         for (module, name), original in originals.items():
             setattr(module, name, original)
+
+
+@contextmanager
+def count_collectives() -> Iterator[Counter]:
+    """{function name: calls} of every communication call made inside the block (complete when it ends).
+
+    with count_collectives() as calls:
+        loss = model(...)
+    assert calls == {"all_reduce": 2}
+    """
+    counts: Counter = Counter()
+    with record_collectives() as log:
+        yield counts
+    counts.update(call.name for call in log)

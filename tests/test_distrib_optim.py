@@ -20,7 +20,7 @@ from megatron.optimizer import OptimizerConfig, build_optimizer
 from megatron.optimizer.distrib_optim import DistributedOptimizer
 from megatron.parallel.random import model_parallel_seed
 from megatron.parallel.state import initialize_model_parallel
-from tests.collective_counter import count_collectives
+from tests.collectives import count_collectives
 from tests.distributed_utils import run_distributed
 from tests.training_compare import (
     ADAM_EPS,

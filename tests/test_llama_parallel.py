@@ -16,7 +16,7 @@ from megatron.model.transformer import InferenceParams
 from megatron.parallel.random import model_parallel_seed
 from megatron.parallel.state import ParallelState, initialize_model_parallel, single_process_state
 from megatron.text_generation import generate
-from tests.collective_counter import count_collectives
+from tests.collectives import count_collectives
 from tests.distributed_utils import run_distributed
 from tests.test_generation import GREEDY
 from tests.test_model_common import VOCAB, assert_close_rel, fixed_inputs, tiny_config
