@@ -17,7 +17,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from megatron.distributed import all_reduce_embedding_grads
 from megatron.parallel.pipeline_layout import stage_layouts, virtual_pipeline_size
 from megatron.parallel.state import ParallelState
 from megatron.schedules import LoggedStats, ScheduleConfig, get_forward_backward_func
@@ -88,7 +87,7 @@ def forward_backward(
     scale_loss: Callable,
 ) -> LoggedStats:
     """Forward and backward of one global batch through the schedule, then the data-parallel gradient
-    all-reduce and the tied-embedding all-reduce: main_grad is ready for the optimizer. `model` is the
+    reduction and the tied-embedding all-reduce (both in finish_grad_sync): main_grad is ready for the optimizer. `model` is the
     DistributedDataParallel wrapper. Returns the logged values of each microbatch (last stage only)."""
     chunks = model_chunks(model.module)
     config = schedule_config(
@@ -98,8 +97,7 @@ def forward_backward(
     stats = schedule(
         lambda it, m: forward_step(it, m, args, parallel), data_iterator, chunks, config, parallel
     )
-    model.finish_grad_sync()
-    all_reduce_embedding_grads(model.module, parallel)
+    model.finish_grad_sync()  # also sums the tied embedding's copies over the embedding group
     return stats
 
 

@@ -254,7 +254,8 @@ class TransformerLanguageModel(nn.Module):
 def word_embeddings_for_head(language_model: TransformerLanguageModel) -> VocabParallelEmbedding:
     """The last stage's copy of the tied word embedding (Megatron's `word_embeddings_for_head`): the word
     embedding the stage drew as the whole model does, so it starts bitwise equal to the first stage's. The
-    schedule all-reduces the two gradients over the embedding group each step, so the copies stay equal.
+    DP gradient sync (finish_grad_sync) all-reduces the two gradients over the embedding group each step, so
+    the copies stay equal.
     It is marked `shared`: the gradient norm counts only the first stage's copy."""
     head = language_model.take_drawn_word_embeddings()
     head.weight.shared = True

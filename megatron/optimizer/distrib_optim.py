@@ -125,8 +125,10 @@ class DistributedOptimizer(MegatronOptimizer):
             else:
                 main = view
             self._main_params.append(main)
-        self._counted_in_norm = [
-            param_is_not_tensor_parallel_duplicate(p.param, parallel) for p in self._pieces
+        self._counted_in_norm = [  # the last stage's copy of a tied embedding is counted on the first stage
+            param_is_not_tensor_parallel_duplicate(p.param, parallel)
+            and not getattr(p.param, "shared", False)
+            for p in self._pieces
         ]
         mains = iter(self._main_params)
         torch_groups = [
