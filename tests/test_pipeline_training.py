@@ -248,6 +248,33 @@ def test_gpt_tp2_pp2_dp2_distributed_optimizer_equals_single_process(wikitext, t
     _compare_with_single_process("gpt", wikitext, grids, tmp_path, ADAM)
 
 
+def _lm_losses(rank: int, world_size: int, argv: list[str]) -> list[float]:
+    return [step["lm loss"] for step in pretrain_gpt.main(argv)["losses"]]
+
+
+@pytest.mark.slow
+def test_pp2_dp2_distributed_optimizer_resumes_bitwise_and_at_dp1(wikitext, tmp_path):
+    """With dropout on, a PP 2 x DP 2 run saved at iteration 2 (distrib_optim.pt in each mp_rank_00_PPP)
+    resumes bitwise. With dropout off (masks are drawn per DP rank), such a checkpoint resumes at
+    PP 2 x DP 1 without the flag to the same curve."""
+    base = [*GPT_ARGS, *wikitext, *ADAM, *_grid_flags({"pp": 2, "zero": True})]
+    for dropout in ("0.1", "0"):
+        argv = [*base, "--hidden-dropout", dropout, "--attention-dropout", dropout]
+        straight = run_distributed(_lm_losses, 4, args=(argv,))[0]
+        ckpt = str(tmp_path / f"ckpt_{dropout}")
+        first = run_distributed(_lm_losses, 4, args=([*argv, "--exit-interval", "2", "--save", ckpt],))[0]
+        for stage in ("000", "001"):
+            assert os.path.isfile(
+                os.path.join(ckpt, "iter_0000002", f"mp_rank_00_{stage}", "distrib_optim.pt")
+            )
+        if dropout != "0":
+            assert first + run_distributed(_lm_losses, 4, args=([*argv, "--load", ckpt],))[0] == straight
+        else:
+            plain = [a for a in argv if a != "--use-distributed-optimizer"]
+            at_dp1 = run_distributed(_lm_losses, 2, args=([*plain, "--load", ckpt],))[0]
+            assert first + at_dp1 == pytest.approx(straight, rel=1e-5)
+
+
 @pytest.mark.slow
 def test_bert_pp2_equals_single_process(tmp_path):
     _compare_with_single_process("bert", [], [{"pp": 2}], tmp_path)
