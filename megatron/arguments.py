@@ -458,11 +458,6 @@ def _check_distributed_args(args: argparse.Namespace, fail: Callable[[str], NoRe
         fail(
             "--distributed-backend nccl needs CUDA GPUs, and none is visible: use --distributed-backend gloo"
         )
-    if pp > 1 and args.sequence_parallel and tp > 1:
-        fail(
-            f"--sequence-parallel with --pipeline-model-parallel-size {pp} is not supported yet (the "
-            "stage-to-stage messages do not carry s/t of the sequence): drop one of the two"
-        )
     if args.use_distributed_optimizer and args.optimizer != "adam":
         fail(
             f"--use-distributed-optimizer shards Adam's state only: --optimizer {args.optimizer} cannot be sharded"

@@ -64,7 +64,8 @@ def schedule_config(
     **hooks: Callable,
 ) -> ScheduleConfig:
     """Sizes of one global batch. Under pipelining the activations passed between stages are [micro batch,
-    sequence, hidden] in the parameter dtype (fp32 with --fp32-residual-connection)."""
+    sequence, hidden] in the parameter dtype (fp32 with --fp32-residual-connection); with
+    --sequence-parallel each TP rank sends and receives its s/t positions, [micro batch, sequence / t, hidden]."""
     if parallel.pp_size == 1:
         return ScheduleConfig(num_microbatches, forward_only=forward_only, **hooks)
     dtype = torch.float32 if args.fp32_residual_connection else args.params_dtype
@@ -73,7 +74,8 @@ def schedule_config(
         if torch.cuda.is_available()
         else torch.device("cpu")
     )
-    shape = (args.micro_batch_size, args.seq_length, args.hidden_size)
+    seq = args.seq_length // parallel.tp_size if args.sequence_parallel else args.seq_length
+    shape = (args.micro_batch_size, seq, args.hidden_size)
     return ScheduleConfig(num_microbatches, shape, dtype, forward_only, device=device, **hooks)
 
 

@@ -67,6 +67,8 @@ def _grid_flags(grid: dict) -> list[str]:
         flags += ["--decoder-last-pipeline-num-layers", grid["last"]]
     if grid.get("zero"):
         flags.append("--use-distributed-optimizer")
+    if grid.get("sp"):
+        flags.append("--sequence-parallel")
     return [str(f) for f in flags]
 
 
@@ -181,7 +183,8 @@ def _compare_with_single_process(
 ) -> None:
     """Each grid's run equals the single-process one: losses (1e-5), the logged grad and params norms (as
     printed, 3 decimals: each parameter counted once), every final parameter (1e-5), tied copies bitwise.
-    `extra` flags go to every run; a grid with "zero" adds --use-distributed-optimizer."""
+    `extra` flags go to every run; a grid with "zero" adds --use-distributed-optimizer, "sp"
+    --sequence-parallel."""
     base = [*(GPT_ARGS if module_name == "gpt" else BERT_ARGS), "--log-params-norm", *extra]
     whole = _randomised_whole(module_name, data_flags, tmp)
     _write_release(whole, {}, tmp / "start_1")
@@ -242,9 +245,14 @@ def test_gpt_pp2_dp2_distributed_optimizer_equals_single_process(wikitext, tmp_p
     _compare_with_single_process("gpt", wikitext, [{"pp": 2, "dp": 2, "zero": True}], tmp_path, ADAM)
 
 
+def test_gpt_tp2_pp2_sequence_parallel_equals_single_process(wikitext, tmp_path):
+    """Stages send s/t of the sequence; only the last stage gathers it."""
+    _compare_with_single_process("gpt", wikitext, [{"tp": 2, "pp": 2, "sp": True}], tmp_path)
+
+
 @pytest.mark.slow
-def test_gpt_tp2_pp2_dp2_distributed_optimizer_equals_single_process(wikitext, tmp_path):
-    grids = [{"tp": 2, "pp": 2, "dp": 2, "zero": True}]
+def test_gpt_tp2_pp2_dp2_distributed_optimizer_and_sequence_parallel_equal_single_process(wikitext, tmp_path):
+    grids = [{"tp": 2, "pp": 2, "dp": 2, "zero": True}, {"tp": 2, "pp": 2, "dp": 2, "zero": True, "sp": True}]
     _compare_with_single_process("gpt", wikitext, grids, tmp_path, ADAM)
 
 

@@ -170,12 +170,13 @@ class TransformerLanguageModel(nn.Module):
     ) -> None:
         super().__init__()
         check_config(config, parallel)
-        self.gather_sequence_output = (
-            gather_sequence_output and config.sequence_parallel and parallel.tp_size > 1
-        )
         self.tp_group = parallel.tp_group
         self.stage = StageLayout.whole(config.num_layers) if stage is None else stage
         pre, post = self.stage.pre_process, self.stage.post_process
+        # Under sequence parallelism only the last stage gathers; earlier stages send s/t of the sequence.
+        self.gather_sequence_output = (
+            post and gather_sequence_output and config.sequence_parallel and parallel.tp_size > 1
+        )
         embedding = Embedding(config, parallel)
         self.embedding: Optional[Embedding] = embedding if pre else None
         self.tied_output = not config.untie_embeddings_and_output_weights
