@@ -22,7 +22,7 @@ every rank shares: the torch param groups' hyperparameters without their paramet
 scaler. `sharded_state_dict()` is collective over the DP group: it all-gathers the shards and returns, on
 every rank, for each parameter name of the model state dict {"param": fp32 master weight, "exp_avg",
 "exp_avg_sq"} shaped like the parameter, plus Adam's "step" count; DP rank 0 of each TP rank writes it
-to mp_rank_TT/distrib_optim.pt beside model_optim_rng.pt. Because it is keyed by parameter and shaped
+to mp_rank_TT[_PPP]/distrib_optim.pt beside model_optim_rng.pt. Because it is keyed by parameter and shaped
 like the parameters it can be loaded at any DP size, by the plain optimizer too, and resharded over TP
 like the weights (tools/checkpoint).
 """
