@@ -458,12 +458,6 @@ def _check_distributed_args(args: argparse.Namespace, fail: Callable[[str], NoRe
         fail(
             "--distributed-backend nccl needs CUDA GPUs, and none is visible: use --distributed-backend gloo"
         )
-    if pp > 1 and (args.use_distributed_optimizer or (args.sequence_parallel and tp > 1)):
-        flag = "--use-distributed-optimizer" if args.use_distributed_optimizer else "--sequence-parallel"
-        fail(
-            f"{flag} with --pipeline-model-parallel-size {pp} is not supported yet (the tied embedding's "
-            "gradient sync and the stage-to-stage messages are not combined with it): drop one of the two"
-        )
     if args.use_distributed_optimizer and args.optimizer != "adam":
         fail(
             f"--use-distributed-optimizer shards Adam's state only: --optimizer {args.optimizer} cannot be sharded"

@@ -50,6 +50,17 @@ rank's s/t positions only: layernorms, row-parallel biases) has on each TP rank 
 positions; `finish_grad_sync()` completes it with one all-reduce (SUM) over the TP group of all such
 gradients, flattened together, after the DP reduction (both are sums, so the order does not matter).
 
+Tied word embedding under pipelining. A parameter marked `pipeline_tied` (the first stage's input
+embedding, the last stage's `word_embeddings_for_head`) is one weight held on two stages: its gradient is
+summed over the embedding group, main_grad <- main_grad(first stage) + main_grad(last stage), inside
+`finish_grad_sync()`. Without the distributed optimizer this all-reduce runs after the DP all-reduce (both
+are sums, so the order does not matter). With it, it must run BEFORE the DP reduce-scatter, on the whole
+local gradient: the copy sits at different offsets of the two stages' buckets, so after the
+reduce-scatter the two stages' shards of it belong to different DP ranks and do not line up. The bucket
+holding that parameter is therefore not launched from backward; `finish_grad_sync()` sums the copies over
+the embedding group, then reduce-scatters it. Both stages' DP rank d hold the same summed gradient
+before the reduce-scatter, so the averaged shards, and the updates, agree.
+
 One training iteration:
 
     ddp.zero_grad_buffer()
@@ -90,6 +101,8 @@ class _Bucket:
         self.handle: Optional[dist.Work] = None
         self.gather_handle: Optional[dist.Work] = None
         self.reduced = False
+        # Holds a pipeline-tied parameter under the distributed optimizer: reduced in finish_grad_sync only.
+        self.deferred = sharded and any(getattr(p, "pipeline_tied", False) for p in params)
 
     def shard_range(self, parallel: ParallelState) -> tuple[int, int]:
         """[start, end) of this DP rank's shard inside the bucket: S = numel / D elements at dp_rank * S."""
@@ -174,6 +187,7 @@ class DistributedDataParallel(nn.Module):
 
         params = [p for p in module.parameters() if p.requires_grad][::-1]
         self._sequence_parallel_params = [p for p in params if getattr(p, "sequence_parallel", False)]
+        self._pipeline_tied_params = [p for p in params if getattr(p, "pipeline_tied", False)]
         groups = _bucket_param_lists(params, bucket_size)
         multiple = parallel.dp_size if use_distributed_optimizer else 1
         sizes = [-(-sum(p.numel() for p in g) // multiple) * multiple for g in groups]  # padded up
@@ -232,7 +246,8 @@ class DistributedDataParallel(nn.Module):
         if not self._sync_enabled:
             return
         bucket.ready.add(param)
-        if self.overlap_grad_reduce and self.parallel.dp_size > 1 and len(bucket.ready) == len(bucket.params):
+        complete = len(bucket.ready) == len(bucket.params)
+        if self.overlap_grad_reduce and self.parallel.dp_size > 1 and complete and not bucket.deferred:
             bucket.launch_reduce(self.parallel)
 
     @contextmanager
@@ -246,8 +261,12 @@ class DistributedDataParallel(nn.Module):
             self._sync_enabled = previous
 
     def finish_grad_sync(self) -> None:
-        """Launch the DP reductions not yet started and wait for all; then main_grad is DP-averaged.
-        Then the gradients of sequence-parallel parameters are summed over the TP group."""
+        """Launch the DP reductions not yet started and wait for all; then main_grad is DP-averaged. The
+        copies of a pipeline-tied embedding are summed over the embedding group (before the reduce-scatter
+        with the distributed optimizer, after the all-reduce without). Then the gradients of
+        sequence-parallel parameters are summed over the TP group."""
+        if self.use_distributed_optimizer:
+            self._all_reduce_pipeline_tied_grads()
         if self.parallel.dp_size > 1:
             for bucket in self.buckets:
                 if not bucket.reduced:
@@ -256,7 +275,15 @@ class DistributedDataParallel(nn.Module):
                 if bucket.handle is not None:
                     bucket.handle.wait()
                     bucket.handle = None
+        if not self.use_distributed_optimizer:
+            self._all_reduce_pipeline_tied_grads()
         self._all_reduce_sequence_parallel_grads()
+
+    def _all_reduce_pipeline_tied_grads(self) -> None:
+        """main_grad <- sum over the embedding group (first and last pipeline stage) of main_grad, for the
+        copies of the tied word embedding; a no-op without pipelining."""
+        for param in self._pipeline_tied_params:
+            all_reduce(param.main_grad, self.parallel.embedding_group)
 
     def _all_reduce_sequence_parallel_grads(self) -> None:
         """main_grad <- sum over TP ranks of main_grad, for every parameter marked `sequence_parallel`."""
@@ -308,16 +335,3 @@ class DistributedDataParallel(nn.Module):
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load into the wrapped module (keys without a 'module.' prefix)."""
         return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
-
-
-def all_reduce_embedding_grads(module: nn.Module, parallel: ParallelState) -> None:
-    """Keep the two copies of the tied word embedding equal: on the first and the last pipeline stage,
-
-        main_grad <- main_grad(first stage's word_embeddings) + main_grad(last stage's word_embeddings_for_head)
-
-    one SUM all-reduce over the embedding group, after the data-parallel reduction. Both copies then get
-    the gradient of the one shared weight and the same optimizer update. A no-op without pipelining.
-    """
-    for param in module.parameters():
-        if getattr(param, "pipeline_tied", False):
-            all_reduce(param.main_grad, parallel.embedding_group)

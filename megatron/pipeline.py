@@ -17,7 +17,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from megatron.distributed import all_reduce_embedding_grads
 from megatron.parallel.pipeline_layout import stage_layouts, virtual_pipeline_size
 from megatron.parallel.state import ParallelState
 from megatron.schedules import LoggedStats, ScheduleConfig, get_forward_backward_func
@@ -65,7 +64,8 @@ def schedule_config(
     **hooks: Callable,
 ) -> ScheduleConfig:
     """Sizes of one global batch. Under pipelining the activations passed between stages are [micro batch,
-    sequence, hidden] in the parameter dtype (fp32 with --fp32-residual-connection)."""
+    sequence, hidden] in the parameter dtype (fp32 with --fp32-residual-connection); with
+    --sequence-parallel each TP rank sends and receives its s/t positions, [micro batch, sequence / t, hidden]."""
     if parallel.pp_size == 1:
         return ScheduleConfig(num_microbatches, forward_only=forward_only, **hooks)
     dtype = torch.float32 if args.fp32_residual_connection else args.params_dtype
@@ -74,7 +74,8 @@ def schedule_config(
         if torch.cuda.is_available()
         else torch.device("cpu")
     )
-    shape = (args.micro_batch_size, args.seq_length, args.hidden_size)
+    seq = args.seq_length // parallel.tp_size if args.sequence_parallel else args.seq_length
+    shape = (args.micro_batch_size, seq, args.hidden_size)
     return ScheduleConfig(num_microbatches, shape, dtype, forward_only, device=device, **hooks)
 
 
@@ -88,7 +89,7 @@ def forward_backward(
     scale_loss: Callable,
 ) -> LoggedStats:
     """Forward and backward of one global batch through the schedule, then the data-parallel gradient
-    all-reduce and the tied-embedding all-reduce: main_grad is ready for the optimizer. `model` is the
+    reduction and the tied-embedding all-reduce (both in finish_grad_sync): main_grad is ready for the optimizer. `model` is the
     DistributedDataParallel wrapper. Returns the logged values of each microbatch (last stage only)."""
     chunks = model_chunks(model.module)
     config = schedule_config(
@@ -98,8 +99,7 @@ def forward_backward(
     stats = schedule(
         lambda it, m: forward_step(it, m, args, parallel), data_iterator, chunks, config, parallel
     )
-    model.finish_grad_sync()
-    all_reduce_embedding_grads(model.module, parallel)
+    model.finish_grad_sync()  # also sums the tied embedding's copies over the embedding group
     return stats
 
 

@@ -121,22 +121,6 @@ def test_valid_args_derive_defaults():
             2,
             "leave -1 of --num-layers 4 for the other 0 stage(s)",
         ),
-        (
-            ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer"],
-            4,
-            "--use-distributed-optimizer with --pipeline-model-parallel-size 2 is not supported yet",
-        ),
-        (
-            [
-                "--pipeline-model-parallel-size",
-                "2",
-                "--tensor-model-parallel-size",
-                "2",
-                "--sequence-parallel",
-            ],
-            4,
-            "--sequence-parallel with --pipeline-model-parallel-size 2 is not supported yet",
-        ),
         (["--min-lr", "1.0"], 1, "--min-lr 1.0 is larger than --lr"),
         (["--lr-warmup-iters", "10"], 1, "--lr-warmup-iters 10 must be smaller than --lr-decay-iters"),
     ],
@@ -287,3 +271,13 @@ def test_pipeline_flags_derive_the_virtual_size():
     assert args.virtual_pipeline_model_parallel_size == 4 and virtual_pipeline_size(args) == 4
     args = parse_args(BASE + flags, world_size=2)
     assert args.virtual_pipeline_model_parallel_size is None and virtual_pipeline_size(args) == 1
+
+
+def test_pipeline_with_the_distributed_optimizer_and_sequence_parallelism_is_accepted():
+    flags = ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer", "--global-batch-size", "8"]
+    args = parse_args(BASE + flags, world_size=4)
+    assert args.use_distributed_optimizer and args.data_parallel_size == 2
+    args = parse_args(
+        BASE + flags + ["--tensor-model-parallel-size", "2", "--sequence-parallel"], world_size=8
+    )
+    assert args.sequence_parallel and args.use_distributed_optimizer and args.data_parallel_size == 2

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron.distributed import DistributedDataParallel, all_reduce_embedding_grads
+from megatron.distributed import DistributedDataParallel
 from megatron.model import BertModel, GPTModel
 from megatron.model.config import TransformerConfig
 from megatron.model.utils import tensor_parallel_dim
@@ -130,8 +130,7 @@ def _pipelined(case: dict, whole: dict, parallel) -> tuple:
     config_s = ScheduleConfig(m, (MICRO, SEQ, HIDDEN), no_sync=ddp.no_sync)
     schedule = get_forward_backward_func(parallel, len(chunks))
     stats = schedule(_forward_step(bert), iter(mine), chunks, config_s, parallel)
-    ddp.finish_grad_sync()
-    all_reduce_embedding_grads(ddp.module, parallel)
+    ddp.finish_grad_sync()  # includes the tied embedding's all-reduce
     grads = {}
     for chunk, stage in zip(chunks, layouts[parallel.pp_rank]):
         for name, param in chunk.named_parameters():

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import io
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,10 @@ def _grid_flags(grid: dict) -> list[str]:
         flags += ["--decoder-first-pipeline-num-layers", grid["first"]]
     if "last" in grid:
         flags += ["--decoder-last-pipeline-num-layers", grid["last"]]
+    if grid.get("zero"):
+        flags.append("--use-distributed-optimizer")
+    if grid.get("sp"):
+        flags.append("--sequence-parallel")
     return [str(f) for f in flags]
 
 
@@ -145,13 +150,21 @@ def _final_params(save_dir: Path, grid: dict) -> tuple[dict[str, torch.Tensor], 
     return merged, [tuple(pair) for pair in tied.values()]
 
 
-def _run(rank: int, world_size: int, module_name: str, argv: list[str]) -> list[dict]:
+def _run(rank: int, world_size: int, module_name: str, argv: list[str]) -> tuple[list[dict], list[float]]:
     """The losses of every iteration, then the final validation losses (evaluation goes through the
-    schedule too)."""
+    schedule too); and the grad norm and params norm of each log line this rank printed (last stage)."""
     module = pretrain_gpt if module_name == "gpt" else pretrain_bert
-    summary = module.main(argv)
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        summary = module.main(argv)
     assert summary["valid"], "the test needs a validation split"
-    return [*summary["losses"], summary["valid"]]
+    norms = [
+        float(value)
+        for line in stdout.getvalue().splitlines()
+        if "grad norm:" in line
+        for value in re.search(r"grad norm: (\S+) \| params norm: (\S+) \|", line).groups()
+    ]
+    return [*summary["losses"], summary["valid"]], norms
 
 
 def _randomised_whole(module_name: str, data_flags: list[str], tmp: Path) -> dict[str, torch.Tensor]:
@@ -166,22 +179,31 @@ def _randomised_whole(module_name: str, data_flags: list[str], tmp: Path) -> dic
 
 
 def _compare_with_single_process(
-    module_name: str, data_flags: list[str], grids: list[dict], tmp: Path
+    module_name: str, data_flags: list[str], grids: list[dict], tmp: Path, extra: tuple[str, ...] = ()
 ) -> None:
-    base = GPT_ARGS if module_name == "gpt" else BERT_ARGS
+    """Each grid's run equals the single-process one: losses (1e-5), the logged grad and params norms (as
+    printed, 3 decimals: each parameter counted once), every final parameter (1e-5), tied copies bitwise.
+    `extra` flags go to every run; a grid with "zero" adds --use-distributed-optimizer, "sp"
+    --sequence-parallel."""
+    base = [*(GPT_ARGS if module_name == "gpt" else BERT_ARGS), "--log-params-norm", *extra]
     whole = _randomised_whole(module_name, data_flags, tmp)
     _write_release(whole, {}, tmp / "start_1")
-    reference = _run(
+    reference, reference_norms = _run(
         0, 1, module_name, [*base, *data_flags, "--load", str(tmp / "start_1"), "--save", str(tmp / "ref")]
     )
+    assert len(reference_norms) == 2 * (len(reference) - 1)
     expected, _ = _final_params(tmp / "ref", {})
     for n, grid in enumerate(grids):
         world = grid.get("tp", 1) * grid.get("pp", 1) * grid.get("dp", 1)
         start, out = tmp / f"start_{n}_{world}", tmp / f"run_{n}"
         _write_release(whole, grid, start)
         argv = [*base, *data_flags, *_grid_flags(grid), "--load", str(start), "--save", str(out)]
-        curves = run_distributed(_run, world, args=(module_name, argv))
-        for curve in curves:  # every rank reports the last stage's losses
+        results = run_distributed(_run, world, args=(module_name, argv))
+        logged = [norms for _, norms in results if norms]
+        assert logged, grid  # the last stage prints the log lines
+        for norms in logged:
+            assert norms == pytest.approx(reference_norms, abs=2e-3), (grid, norms, reference_norms)
+        for curve, _ in results:  # every rank reports the last stage's losses
             assert len(curve) == len(reference)
             for got, want in zip(curve, reference):
                 for name in want:
@@ -212,6 +234,53 @@ def test_gpt_virtual_and_uneven_stages_equal_single_process(wikitext, tmp_path):
 @pytest.mark.slow
 def test_gpt_pp4_and_tp2_pp2_dp2_equal_single_process(wikitext, tmp_path):
     _compare_with_single_process("gpt", wikitext, [{"pp": 4}, {"tp": 2, "pp": 2, "dp": 2}], tmp_path)
+
+
+# Adam (the distributed optimizer shards Adam only) with eps 1e-5: see tests/training_compare.py ADAM_EPS.
+ADAM = ("--optimizer", "adam", "--adam-eps", "1e-5", "--lr", "0.01", "--min-lr", "0.001")
+
+
+def test_gpt_pp2_dp2_distributed_optimizer_equals_single_process(wikitext, tmp_path):
+    """The tied embedding's copies are summed over the embedding group before the DP reduce-scatter."""
+    _compare_with_single_process("gpt", wikitext, [{"pp": 2, "dp": 2, "zero": True}], tmp_path, ADAM)
+
+
+def test_gpt_tp2_pp2_sequence_parallel_equals_single_process(wikitext, tmp_path):
+    """Stages send s/t of the sequence; only the last stage gathers it."""
+    _compare_with_single_process("gpt", wikitext, [{"tp": 2, "pp": 2, "sp": True}], tmp_path)
+
+
+@pytest.mark.slow
+def test_gpt_tp2_pp2_dp2_distributed_optimizer_and_sequence_parallel_equal_single_process(wikitext, tmp_path):
+    grids = [{"tp": 2, "pp": 2, "dp": 2, "zero": True}, {"tp": 2, "pp": 2, "dp": 2, "zero": True, "sp": True}]
+    _compare_with_single_process("gpt", wikitext, grids, tmp_path, ADAM)
+
+
+def _lm_losses(rank: int, world_size: int, argv: list[str]) -> list[float]:
+    return [step["lm loss"] for step in pretrain_gpt.main(argv)["losses"]]
+
+
+@pytest.mark.slow
+def test_pp2_dp2_distributed_optimizer_resumes_bitwise_and_at_dp1(wikitext, tmp_path):
+    """With dropout on, a PP 2 x DP 2 run saved at iteration 2 (distrib_optim.pt in each mp_rank_00_PPP)
+    resumes bitwise. With dropout off (masks are drawn per DP rank), such a checkpoint resumes at
+    PP 2 x DP 1 without the flag to the same curve."""
+    base = [*GPT_ARGS, *wikitext, *ADAM, *_grid_flags({"pp": 2, "zero": True})]
+    for dropout in ("0.1", "0"):
+        argv = [*base, "--hidden-dropout", dropout, "--attention-dropout", dropout]
+        straight = run_distributed(_lm_losses, 4, args=(argv,))[0]
+        ckpt = str(tmp_path / f"ckpt_{dropout}")
+        first = run_distributed(_lm_losses, 4, args=([*argv, "--exit-interval", "2", "--save", ckpt],))[0]
+        for stage in ("000", "001"):
+            assert os.path.isfile(
+                os.path.join(ckpt, "iter_0000002", f"mp_rank_00_{stage}", "distrib_optim.pt")
+            )
+        if dropout != "0":
+            assert first + run_distributed(_lm_losses, 4, args=([*argv, "--load", ckpt],))[0] == straight
+        else:
+            plain = [a for a in argv if a != "--use-distributed-optimizer"]
+            at_dp1 = run_distributed(_lm_losses, 2, args=([*plain, "--load", ckpt],))[0]
+            assert first + at_dp1 == pytest.approx(straight, rel=1e-5)
 
 
 @pytest.mark.slow

@@ -170,12 +170,13 @@ class TransformerLanguageModel(nn.Module):
     ) -> None:
         super().__init__()
         check_config(config, parallel)
-        self.gather_sequence_output = (
-            gather_sequence_output and config.sequence_parallel and parallel.tp_size > 1
-        )
         self.tp_group = parallel.tp_group
         self.stage = StageLayout.whole(config.num_layers) if stage is None else stage
         pre, post = self.stage.pre_process, self.stage.post_process
+        # Under sequence parallelism only the last stage gathers; earlier stages send s/t of the sequence.
+        self.gather_sequence_output = (
+            post and gather_sequence_output and config.sequence_parallel and parallel.tp_size > 1
+        )
         embedding = Embedding(config, parallel)
         self.embedding: Optional[Embedding] = embedding if pre else None
         self.tied_output = not config.untie_embeddings_and_output_weights
@@ -254,7 +255,8 @@ class TransformerLanguageModel(nn.Module):
 def word_embeddings_for_head(language_model: TransformerLanguageModel) -> VocabParallelEmbedding:
     """The last stage's copy of the tied word embedding (Megatron's `word_embeddings_for_head`): the word
     embedding the stage drew as the whole model does, so it starts bitwise equal to the first stage's. The
-    schedule all-reduces the two gradients over the embedding group each step, so the copies stay equal.
+    DP gradient sync (finish_grad_sync) all-reduces the two gradients over the embedding group each step, so
+    the copies stay equal.
     It is marked `shared`: the gradient norm counts only the first stage's copy."""
     head = language_model.take_drawn_word_embeddings()
     head.weight.shared = True

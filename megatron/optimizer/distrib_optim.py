@@ -22,7 +22,7 @@ every rank shares: the torch param groups' hyperparameters without their paramet
 scaler. `sharded_state_dict()` is collective over the DP group: it all-gathers the shards and returns, on
 every rank, for each parameter name of the model state dict {"param": fp32 master weight, "exp_avg",
 "exp_avg_sq"} shaped like the parameter, plus Adam's "step" count; DP rank 0 of each TP rank writes it
-to mp_rank_TT/distrib_optim.pt beside model_optim_rng.pt. Because it is keyed by parameter and shaped
+to mp_rank_TT[_PPP]/distrib_optim.pt beside model_optim_rng.pt. Because it is keyed by parameter and shaped
 like the parameters it can be loaded at any DP size, by the plain optimizer too, and resharded over TP
 like the weights (tools/checkpoint).
 """
@@ -125,8 +125,10 @@ class DistributedOptimizer(MegatronOptimizer):
             else:
                 main = view
             self._main_params.append(main)
-        self._counted_in_norm = [
-            param_is_not_tensor_parallel_duplicate(p.param, parallel) for p in self._pieces
+        self._counted_in_norm = [  # the last stage's copy of a tied embedding is counted on the first stage
+            param_is_not_tensor_parallel_duplicate(p.param, parallel)
+            and not getattr(p.param, "shared", False)
+            for p in self._pieces
         ]
         mains = iter(self._main_params)
         torch_groups = [
