@@ -180,7 +180,6 @@ def main() -> None:
     parser.add_argument(
         "--arch", choices=("gpt", "llama"), default="gpt", help="llama: benchmarks/llama_throughput.py"
     )
-    parser.add_argument("--repeats", type=int, default=5, help="--arch llama: interleaved timing rounds.")
     parser.add_argument(
         "--preset", choices=sorted(PRESETS) + sorted(LLAMA_PRESETS), default=None,
         help="default cpu-small (--arch gpt) or llama-cpu-small (--arch llama)",
