@@ -181,8 +181,7 @@ class IntervalLogger:
         self.print = print_fn
         self.tty = sys.stdout.isatty()
         self.timers = StepTimers() if args.log_timers_to_tensorboard else None
-        self.skipped = 0
-        self.nans = 0
+        self.skipped = 0  # over the whole run (the summary); the log line counts per interval, as Megatron
         self.consecutive_bad = 0  # iterations in a row with a NaN/inf loss or gradient
         self._since_tensorboard = 0
         self._reset()
@@ -190,6 +189,8 @@ class IntervalLogger:
     def _reset(self) -> None:
         self.losses: dict[str, float] = {}
         self.count = 0
+        self.interval_skipped = 0
+        self.interval_nans = 0
         self.flops = 0.0
         self.start = time.time()
 
@@ -198,7 +199,8 @@ class IntervalLogger:
         args = self.args
         loss_is_bad = not all(math.isfinite(v) for v in step.losses.values())
         self.skipped += 0 if step.update_successful else 1
-        self.nans += int(loss_is_bad)
+        self.interval_skipped += 0 if step.update_successful else 1
+        self.interval_nans += int(loss_is_bad)
         # fp16 skips steps on overflow by design; otherwise a skipped step means NaN/inf gradients.
         bad = loss_is_bad or not (step.update_successful or args.fp16)
         self.consecutive_bad = self.consecutive_bad + 1 if bad else 0
@@ -233,7 +235,7 @@ class IntervalLogger:
         average = {name: total / self.count for name, total in self.losses.items()}
         line = format_train_line(
             iteration, self.train_iters, consumed_samples, per_iter * 1000.0, tflops, step.learning_rate,
-            step.global_batch, average, step.loss_scale, step.grad_norm, self.skipped, self.nans,
+            step.global_batch, average, step.loss_scale, step.grad_norm, self.interval_skipped, self.interval_nans,
             num_zeros=step.num_zeros, params_norm=step.params_norm,
         )  # fmt: skip
         self.print(line)

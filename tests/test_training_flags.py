@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 
@@ -316,3 +317,37 @@ def test_document_flags_shape_the_gpt_batch():
         iter([{"text": sample}]), plain, eod
     )
     assert attention_mask is None and position_ids.tolist() == [list(range(6))] and loss_mask.min() == 1.0
+
+
+def test_log_line_counts_skipped_and_nan_iterations_per_interval():
+    """Megatron's line reports the skipped and NaN iterations of its own interval (the counters restart after
+    each line); the run's total stays available for the summary."""
+
+    from megatron.training_log import IntervalLogger, StepStats
+
+    args = argparse.Namespace(
+        log_interval=2, tensorboard_log_interval=1000, log_timers_to_tensorboard=False,
+        log_memory_to_tensorboard=False, fp16=True, world_size=1,
+    )  # fmt: skip
+
+    class NoWriter:
+        def add_scalars(self, scalars, iteration):
+            pass
+
+    lines: list[str] = []
+    logger = IntervalLogger(args, 6, NoWriter(), lines.append)
+    # interval 1: two overflows, one with a NaN loss; interval 2: one overflow; interval 3: none
+    for iteration, (ok, loss) in enumerate([(False, math.nan), (False, 1.0), (True, 1.0), (False, 1.0),
+                                            (True, 1.0), (True, 1.0)], start=1):  # fmt: skip
+        step = StepStats({"lm loss": loss}, ok, None, 4, 1e-3, 1.0, 0.0)
+        logger.record(iteration, 4 * iteration, step)
+    counts = [
+        (
+            int(re.search(r"skipped iterations: +(\d+)", line)[1]),
+            int(re.search(r"nan iterations: +(\d+)", line)[1]),
+        )
+        for line in lines
+        if "iteration" in line and "/" in line
+    ]
+    assert counts == [(2, 1), (1, 0), (0, 0)]
+    assert logger.skipped == 3
