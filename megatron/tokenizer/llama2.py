@@ -9,23 +9,15 @@ pretraining data is laid out. `detokenize` is SentencePiece's decode (BOS/EOS id
 
 from __future__ import annotations
 
-import sentencepiece
-
-from .base import DictVocabTokenizer, TokenizerConfigError, require_file
+from .base import DictVocabTokenizer, TokenizerConfigError
+from .sentencepiece_tokenizer import load_sentencepiece
 
 
 class Llama2Tokenizer(DictVocabTokenizer):
     name = "Llama2Tokenizer"
 
     def __init__(self, model_file: str | None) -> None:
-        require_file(model_file, "--tokenizer-model", self.name)
-        self._processor = sentencepiece.SentencePieceProcessor()
-        try:
-            self._processor.Load(model_file)
-        except (OSError, RuntimeError) as error:
-            raise TokenizerConfigError(
-                f"--tokenizer-model {model_file} is not a SentencePiece model: {error}"
-            ) from error
+        self._processor = load_sentencepiece(model_file, self.name)
         for role, piece_id in (("BOS", self._processor.bos_id()), ("EOS", self._processor.eos_id())):
             if piece_id < 0:
                 raise TokenizerConfigError(

@@ -20,20 +20,26 @@ import sentencepiece
 from .base import DictVocabTokenizer, TokenizerConfigError, require_file
 
 
+def load_sentencepiece(model_file: str | None, tokenizer_name: str) -> sentencepiece.SentencePieceProcessor:
+    """The SentencePiece model of --tokenizer-model; a missing or unreadable file is a TokenizerConfigError."""
+    require_file(model_file, "--tokenizer-model", tokenizer_name)
+    processor = sentencepiece.SentencePieceProcessor()
+    try:
+        processor.Load(model_file)
+    except (OSError, RuntimeError) as error:
+        raise TokenizerConfigError(
+            f"--tokenizer-model {model_file} is not a SentencePiece model: {error}"
+        ) from error
+    return processor
+
+
 class SentencePieceTokenizer(DictVocabTokenizer):
     """SentencePiece model plus Megatron's special tokens."""
 
     name = "SentencePieceTokenizer"
 
     def __init__(self, model_file: str | None, vocab_extra_ids: int = 0) -> None:
-        require_file(model_file, "--tokenizer-model", self.name)
-        self._processor = sentencepiece.SentencePieceProcessor()
-        try:
-            self._processor.Load(model_file)
-        except (OSError, RuntimeError) as error:
-            raise TokenizerConfigError(
-                f"--tokenizer-model {model_file} is not a SentencePiece model: {error}"
-            ) from error
+        self._processor = load_sentencepiece(model_file, self.name)
         n_pieces = self._processor.GetPieceSize()
         self._inv_vocab = {i: self._processor.IdToPiece(i) for i in range(n_pieces)}
         self._vocab = {piece: i for i, piece in self._inv_vocab.items()}
