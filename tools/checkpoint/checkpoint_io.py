@@ -19,7 +19,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -54,7 +54,8 @@ class LoadedCheckpoint:
 
     A pipeline-parallel checkpoint (`pp_size` > 1 stages) is read as the whole model: `shards[r]` is then
     stage 0's file of TP rank r with `model` replaced by all stages merged (tools/checkpoint/pp_layout.py)
-    and `optimizer` by None (optimizer states are not merged across stages)."""
+    and `optimizer` by None (tools/checkpoint/pp_optimizer.py merges the optimizer states when asked).
+    `stage_files[r][p]` is the file of TP rank r and stage p as read (the same dict as `shards[r]` at PP 1)."""
 
     load_dir: str
     checkpoint_dir: str
@@ -62,6 +63,7 @@ class LoadedCheckpoint:
     release: bool
     shards: list[dict[str, Any]]
     pp_size: int = 1
+    stage_files: list[list[dict[str, Any]]] = field(default_factory=list)
 
     @property
     def tp_size(self) -> int:
@@ -77,9 +79,13 @@ class LoadedCheckpoint:
             )
         return args
 
-    def shard_path(self, tp_rank: int) -> str:
-        pp_rank = 0 if self.pp_size > 1 else None
-        return os.path.join(self.checkpoint_dir, shard_dir_name(tp_rank, pp_rank), SHARD_FILENAME)
+    def shard_path(self, tp_rank: int, pp_rank: int = 0) -> str:
+        """The model_optim_rng.pt of TP rank `tp_rank` and pipeline stage `pp_rank`."""
+        return os.path.join(
+            self.checkpoint_dir,
+            shard_dir_name(tp_rank, pp_rank if self.pp_size > 1 else None),
+            SHARD_FILENAME,
+        )
 
     def model_shards(self) -> list[dict[str, Tensor]]:
         """The model of each TP rank as a flat state dict (`language_model.encoder.layers.0....`)."""
@@ -113,17 +119,19 @@ def load_checkpoint_shards(load_dir: str) -> LoadedCheckpoint:
             f"but {checkpoint_dir} does not exist"
         )
     tp_size, pp_size = _count_shards(checkpoint_dir)
-    shards = []
+    shards, stage_files = [], []
     for tp_rank in range(tp_size):
         if pp_size == 1:
             shards.append(_load_shard(get_checkpoint_name(load_dir, iteration, tp_rank, release=release)))
+            stage_files.append([shards[-1]])
             continue
         stages = [
             _load_shard(get_checkpoint_name(load_dir, iteration, tp_rank, pp_rank, release=release))
             for pp_rank in range(pp_size)
         ]
         shards.append(_merged_stages(stages, checkpoint_dir))
-    loaded = LoadedCheckpoint(load_dir, checkpoint_dir, iteration, release, shards, pp_size)
+        stage_files.append(stages)
+    loaded = LoadedCheckpoint(load_dir, checkpoint_dir, iteration, release, shards, pp_size, stage_files)
     saved_tp = getattr(loaded.args, "tensor_model_parallel_size", tp_size)
     if saved_tp != tp_size:
         raise ToolError(

@@ -41,6 +41,11 @@ def optimizer_param_names(model: dict[str, Tensor]) -> list[list[str]]:
     `model` is a flat model state dict (any TP rank). A tree of modules with meta-device parameters of
     the same names and shapes is handed to `get_param_groups`, the function the optimizer was built with.
     """
+    return [names for _, names in optimizer_groups(model)]
+
+
+def optimizer_groups(model: dict[str, Tensor]) -> list[tuple[float, list[str]]]:
+    """(wd_mult, parameter names) of each optimizer param group, as `optimizer_param_names` finds them."""
     root = nn.Module()
     for name, tensor in model.items():
         *path, leaf = name.split(".")
@@ -51,7 +56,10 @@ def optimizer_param_names(model: dict[str, Tensor]) -> list[list[str]]:
             module = module._modules[part]
         module.register_parameter(leaf, nn.Parameter(torch.empty(tensor.shape, device="meta")))
     names = {id(param): name for name, param in root.named_parameters()}
-    return [[names[id(param)] for param in group["params"]] for group in get_param_groups(root)]
+    return [
+        (group["wd_mult"], [names[id(param)] for param in group["params"]])
+        for group in get_param_groups(root)
+    ]
 
 
 def reshard_optimizer(

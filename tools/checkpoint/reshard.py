@@ -7,25 +7,35 @@ stages, re-pad the vocabulary, split.
 
 Pipeline stages are merged into the whole model on reading and split evenly on writing
 (tools/checkpoint/pp_layout.py): each target stage `mp_rank_TT_PPP` holds its layers numbered from 0, and
-the last one the copy of the tied word embedding (`word_embeddings_for_head`). The optimizer state is
-kept (--keep-optimizer) only when neither side is pipeline-parallel; with PP the output is for
---no-load-optim.
+the last one the copy of the tied word embedding (`word_embeddings_for_head`). Any source layout is read
+(uneven first/last stages, interleaved chunks `model0`..); the target is an even split without virtual
+stages.
 
-The output is a complete checkpoint for `--tensor-model-parallel-size N` training or evaluation: the tracker,
-the same iteration (or release) dir, and one `mp_rank_XX/model_optim_rng.pt` per target rank holding
+The output is a complete checkpoint for `--tensor-model-parallel-size N --pipeline-model-parallel-size P`
+training or evaluation: the tracker, the same iteration (or release) dir, and one
+`mp_rank_XX/model_optim_rng.pt` (`mp_rank_XX_YYY` for P > 1) per target rank and stage holding
 
 * `model`: each parameter merged and split along its TP dimension (tools/checkpoint/tp_layout.py); the
   vocabulary rows re-padded to a multiple of make_vocab_size_divisible_by x N, the size training at TP=N
   computes from the tokenizer (zero rows appended, or padding rows dropped);
-* `args`: the saved args with tensor_model_parallel_size = N and the new padded_vocab_size;
-* `optimizer`: None by default (continue training with --no-load-optim); with --keep-optimizer the fp32
-  main params and the optimizer's moments resharded like the parameters (optimizer_state.py), for the
-  distributed optimizer in `mp_rank_XX/distrib_optim.pt` (written beside each shard);
+* `args`: the saved args with tensor_model_parallel_size = N, pipeline_model_parallel_size = P, no
+  virtual or uneven stages, and the new padded_vocab_size;
+* `optimizer`: None by default (continue training with --no-load-optim); with --keep-optimizer the state
+  of the plain or of the distributed optimizer (fp32 main params, moments, step, hyperparameters, fp16
+  loss scaler) carried to any N x P: the source stages' states are merged into the whole model's as a
+  PP 1 run would hold it (pp_optimizer.py; the head copy of the tied embedding is dropped), resharded over
+  TP like the parameters (optimizer_state.py; vocabulary re-padded, SwiGLU and GQA layouts kept), and
+  split into the target stages, each numbered and grouped as its own optimizer does, the last stage's
+  `word_embeddings_for_head` getting the word embedding's state (what training holds there). The
+  distributed optimizer's per-parameter state goes to `distrib_optim.pt` beside each target file. A
+  resumed run continues the loss curve of the uninterrupted one (tests/test_reshard_optimizer_pp.py);
 * `opt_param_scheduler`, `iteration`, `checkpoint_version`: copied;
-* `rng_state`: target rank r < source size keeps source rank r's states; a new rank r gets rank 0's
+* `rng_state`: target stage p takes source stage p's file (stage 0's when the source has fewer stages);
+  target TP rank r < source size keeps source rank r's states; a new rank r gets rank 0's
   python/numpy/torch states (identical on all TP ranks) and a fresh 'model-parallel-rng' stream seeded
   seed + 2718 + r, as training seeds TP rank r. (When the source holds CUDA generator states and this
   machine has no CUDA, the new streams cannot be made: rng_state is then dropped, load with --no-load-rng.)
+  (Dropout masks depend on the layout anyway: compare runs across layouts with dropout off.)
 
 The real vocabulary size, needed when the padded size changes, is taken from --true-vocab-size, or deduced
 when every size consistent with the source padding pads alike, or read from the tokenizer the saved args
@@ -41,6 +51,7 @@ import sys
 from typing import Any, Optional
 
 import torch
+from torch import Tensor
 
 from megatron.optimizer.distrib_optim import DISTRIB_OPTIM_FILENAME
 from megatron.parallel.random import MODEL_PARALLEL_RNG, TP_SEED_OFFSET, RNGStatesTracker
@@ -61,6 +72,15 @@ from tools.checkpoint.optimizer_state import (
     reshard_shared_state,
 )
 from tools.checkpoint.pp_layout import split_stages
+from tools.checkpoint.pp_optimizer import (
+    merge_stage_distrib,
+    merge_stage_optimizers,
+    merge_stage_shared,
+    shared_groups,
+    split_shared,
+    split_stage_distrib,
+    split_stage_optimizer,
+)
 from tools.checkpoint.tp_layout import merge_shards, repad_vocab, split_whole, target_padded_vocab_size
 
 
@@ -80,7 +100,8 @@ def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--keep-optimizer",
         action="store_true",
-        help="Reshard the optimizer state too (default: drop it; load with --no-load-optim).",
+        help="Reshard the optimizer state too, plain or distributed (distrib_optim.pt), across any TP x PP "
+        "change (default: drop it; load the output with --no-load-optim).",
     )
     parser.add_argument(
         "--true-vocab-size",
@@ -155,9 +176,10 @@ def reshard_checkpoint(
     keep_optimizer: bool,
     true_vocab_size: Optional[int],
     target_pp: int = 1,
-) -> list[dict[str, Any]]:
-    """The file contents of `checkpoint` resharded to `target_tp` x `target_pp` ranks: one dict per target
-    TP rank, or with target_pp > 1 one per (TP rank, stage) at index tp_rank * target_pp + stage."""
+) -> tuple[list[dict[str, Any]], Optional[list[dict[str, Any]]]]:
+    """The file contents of `checkpoint` resharded to `target_tp` x `target_pp` ranks: the model_optim_rng.pt
+    of each (TP rank, stage) at index tp_rank * target_pp + stage, and, with `keep_optimizer` and a
+    distributed-optimizer checkpoint, {"distrib_optim.pt": content} at the same indices (else None)."""
     saved_args = checkpoint.args
     check_target_tp(saved_args, target_tp)
     padded_vocab_size = resolve_padded_vocab_size(saved_args, checkpoint.tp_size, target_tp, true_vocab_size)
@@ -165,25 +187,15 @@ def reshard_checkpoint(
     swiglu = getattr(saved_args, "swiglu", False)
     whole = repad_vocab(merge_shards(model_shards, "model", swiglu), padded_vocab_size)
     new_models = split_whole(whole, target_tp, swiglu)
+    try:
+        stages = [split_stages(new_models[r], saved_args.num_layers, target_pp) for r in range(target_tp)]
+    except ValueError as e:
+        raise ToolError(str(e)) from None
 
-    optimizers: list[Optional[dict[str, Any]]] = [None] * target_tp
-    if keep_optimizer and (checkpoint.pp_size > 1 or target_pp > 1):
-        raise ToolError(
-            "--keep-optimizer: optimizer states are not resharded across pipeline stages "
-            f"(source pipeline size {checkpoint.pp_size}, target {target_pp}); run without it"
-        )
+    optimizers: list[list[Optional[dict[str, Any]]]] = [[None] * target_pp for _ in range(target_tp)]
+    distrib: Optional[list[list[dict[str, Any]]]] = None
     if keep_optimizer:
-        optimizer_shards = [shard.get("optimizer") for shard in checkpoint.shards]
-        if any(state is None for state in optimizer_shards):
-            raise ToolError(
-                f"--keep-optimizer: {checkpoint.checkpoint_dir} holds no optimizer state; run without it"
-            )
-        if is_distributed_optimizer_state(optimizer_shards[0]):
-            optimizers = reshard_shared_state(optimizer_shards, target_tp)
-        else:
-            optimizers = reshard_optimizer(
-                optimizer_shards, model_shards, target_tp, padded_vocab_size, swiglu
-            )
+        optimizers, distrib = reshard_optimizer_states(checkpoint, new_models, stages, padded_vocab_size)
 
     new_args = copy.copy(saved_args)
     new_args.tensor_model_parallel_size = target_tp
@@ -193,37 +205,88 @@ def reshard_checkpoint(
         if hasattr(new_args, name):
             setattr(new_args, name, None)  # the output is an even split without virtual stages
     new_args.padded_vocab_size = padded_vocab_size
-    rng_states = reshard_rng_states(
-        [shard.get("rng_state") for shard in checkpoint.shards], target_tp, getattr(saved_args, "seed", 1234)
-    )
+    seed = getattr(saved_args, "seed", 1234)
+    rng_source_stages = [p if p < checkpoint.pp_size else 0 for p in range(target_pp)]
+    rng_by_source_stage = {
+        stage: reshard_rng_states(
+            [f[stage].get("rng_state") for f in checkpoint.stage_files], target_tp, seed
+        )
+        for stage in set(rng_source_stages)
+    }
+    rng_states = [rng_by_source_stage[stage] for stage in rng_source_stages]  # [target stage][TP rank]
     scheduler = checkpoint.shards[0].get("opt_param_scheduler")
     iteration = checkpoint.shards[0]["iteration"]
-    try:
-        stages = [split_stages(new_models[r], saved_args.num_layers, target_pp) for r in range(target_tp)]
-    except ValueError as e:
-        raise ToolError(str(e)) from None
-    return [
-        shard_file_state(new_args, iteration, stages[r][p], optimizers[r], scheduler, rng_states[r])
+    files = [
+        shard_file_state(new_args, iteration, stages[r][p], optimizers[r][p], scheduler, rng_states[p][r])
         for r in range(target_tp)
         for p in range(target_pp)
     ]
+    extra = None if distrib is None else [{DISTRIB_OPTIM_FILENAME: d} for per_tp in distrib for d in per_tp]
+    return files, extra
 
 
-def reshard_distrib_optim_files(
-    checkpoint: LoadedCheckpoint, target_tp: int, padded_vocab_size: int
-) -> Optional[list[dict[str, Any]]]:
-    """{"distrib_optim.pt": content} per target TP rank when the checkpoint is the distributed optimizer's."""
-    if not is_distributed_optimizer_state(checkpoint.shards[0].get("optimizer") or {}):
-        return None
-    distrib = []
-    for tp_rank in range(checkpoint.tp_size):
-        path = os.path.join(os.path.dirname(checkpoint.shard_path(tp_rank)), DISTRIB_OPTIM_FILENAME)
+def reshard_optimizer_states(
+    checkpoint: LoadedCheckpoint,
+    new_models: list[dict[str, Tensor]],
+    stages: list[list[dict[str, Tensor]]],
+    padded_vocab_size: int,
+) -> tuple[list[list[dict[str, Any]]], Optional[list[list[dict[str, Any]]]]]:
+    """(model_optim_rng.pt "optimizer" of each target TP rank and stage, and distrib_optim.pt's content
+    for the distributed optimizer, else None): the source stages' states merged into the whole model's
+    (pp_optimizer.py), resharded over TP (optimizer_state.py) and split into the target stages.
+
+    `new_models[r]` is target TP rank r's whole model, `stages[r]` its target stages."""
+    args, target_tp = checkpoint.args, len(new_models)
+    swiglu, num_layers = getattr(args, "swiglu", False), args.num_layers
+    model_shards = checkpoint.model_shards()
+    where = [f"{checkpoint.checkpoint_dir} TP rank {r}" for r in range(checkpoint.tp_size)]
+    first = checkpoint.stage_files[0][0].get("optimizer")
+    if first is None:
+        raise ToolError(
+            f"--keep-optimizer: {checkpoint.checkpoint_dir} holds no optimizer state; run without it"
+        )
+    if not is_distributed_optimizer_state(first):
+        whole = [
+            merge_stage_optimizers(files, args, model_shards[r], where[r])
+            for r, files in enumerate(checkpoint.stage_files)
+        ]
+        new = reshard_optimizer(whole, model_shards, target_tp, padded_vocab_size, swiglu)
+        return [
+            split_stage_optimizer(new[r], new_models[r], stages[r], num_layers) for r in range(target_tp)
+        ], None
+
+    shared = [
+        merge_stage_shared(files, args, model_shards[r], where[r])
+        for r, files in enumerate(checkpoint.stage_files)
+    ]
+    new_shared = reshard_shared_state(shared, target_tp)
+    optimizers = [
+        [
+            split_shared(new_shared[r], shared_groups(new_shared[r], new_models[r]), stage, where[0])
+            for stage in stages[r]
+        ]
+        for r in range(target_tp)
+    ]
+    distrib = [
+        merge_stage_distrib(_read_distrib_files(checkpoint, r), files, args, where[r])
+        for r, files in enumerate(checkpoint.stage_files)
+    ]
+    new = reshard_distrib_optim(distrib, model_shards, target_tp, padded_vocab_size, swiglu)
+    return optimizers, [split_stage_distrib(new[r], stages[r], num_layers) for r in range(target_tp)]
+
+
+def _read_distrib_files(checkpoint: LoadedCheckpoint, tp_rank: int) -> list[dict[str, Any]]:
+    """The distributed optimizer's distrib_optim.pt of every stage of TP rank `tp_rank`."""
+    contents = []
+    for pp_rank in range(checkpoint.pp_size):
+        path = os.path.join(os.path.dirname(checkpoint.shard_path(tp_rank, pp_rank)), DISTRIB_OPTIM_FILENAME)
         if not os.path.isfile(path):
             raise ToolError(f"--keep-optimizer: {path} not found (the distributed optimizer's state)")
-        distrib.append(torch.load(path, map_location="cpu", weights_only=True))
-    swiglu = getattr(checkpoint.args, "swiglu", False)
-    new = reshard_distrib_optim(distrib, checkpoint.model_shards(), target_tp, padded_vocab_size, swiglu)
-    return [{DISTRIB_OPTIM_FILENAME: content} for content in new]
+        try:
+            contents.append(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as e:  # a truncated or foreign file: say which
+            raise ToolError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    return contents
 
 
 def reshard_rng_states(
@@ -269,11 +332,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             args.target_tensor_model_parallel_size,
             args.target_pipeline_model_parallel_size,
         )
-        shards = reshard_checkpoint(
+        shards, extra = reshard_checkpoint(
             checkpoint, target_tp, args.keep_optimizer, args.true_vocab_size, target_pp
         )
-        padded = shards[0]["args"].padded_vocab_size
-        extra = reshard_distrib_optim_files(checkpoint, target_tp, padded) if args.keep_optimizer else None
         with atomic_output_dir(args.save, args.force, "--save") as temp_dir:
             write_checkpoint(temp_dir, checkpoint.iteration, checkpoint.release, shards, target_pp, extra)
     except (ToolError, OSError) as e:  # OSError: unreadable input, full disk, no permission
