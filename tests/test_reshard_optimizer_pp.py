@@ -29,6 +29,10 @@ SAVED, TOTAL = 3, 6  # the run saves at SAVED and goes on to TOTAL
 BASE = [*TINY, *NO_DROPOUT, *ADAM_EPS, "--num-layers", 4, "--global-batch-size", 8, "--train-iters", TOTAL]
 TP2_PP2 = ["--tensor-model-parallel-size", 2, "--pipeline-model-parallel-size", 2]
 ZERO = ["--use-distributed-optimizer"]
+LLAMA = (  # SwiGLU, grouped-query attention (2 groups) and an untied output layer on the last stage
+    "--position-embedding-type rope --normalization RMSNorm --norm-epsilon 1e-6 --swiglu --ffn-hidden-size 64 "
+    "--group-query-attention --num-query-groups 2 --untie-embeddings-and-output-weights --disable-bias-linear"
+).split()
 WORD = "language_model.embedding.word_embeddings.weight"
 HEAD = "word_embeddings_for_head.weight"
 DISTRIB = "distrib_optim.pt"
@@ -77,9 +81,11 @@ def _at_saved_iteration(source: Path, copy_to: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def tp2_pp2(tmp_path_factory) -> tuple[Path, dict]:
-    """The plain- and the distributed-optimizer run at TP 2 x PP 2, their checkpoints at SAVED."""
+    """The plain- and the distributed-optimizer run of GPT and the plain one of a Llama-shaped GPT at
+    TP 2 x PP 2, their checkpoints at SAVED."""
     root = tmp_path_factory.mktemp("tp2pp2")
-    curves = run_distributed(_train_variants, 4, args=(str(root), TP2_PP2, {"plain": [], "zero": ZERO}))[-1]
+    variants = {"plain": [], "zero": ZERO, "llama": LLAMA}
+    curves = run_distributed(_train_variants, 4, args=(str(root), TP2_PP2, variants))[-1]
     for name in curves:
         _at_saved_iteration(root / name, root / f"{name}_at_{SAVED}")
     return root, curves
@@ -99,7 +105,7 @@ def _file(save: Path, tp: int, pp, name: str = "model_optim_rng.pt") -> dict:
 # --------------------------------------------------------------------------------------------- round trips
 
 
-@pytest.mark.parametrize("variant", ["plain", "zero"])
+@pytest.mark.parametrize("variant", ["plain", "zero", "llama"])
 def test_round_trip_tp2_pp2_to_tp1_pp1_and_back_is_bitwise(tp2_pp2, tmp_path, variant):
     root, _ = tp2_pp2
     source = root / f"{variant}_at_{SAVED}"
@@ -160,12 +166,22 @@ def _continue(rank: int, world_size: int, argv: list) -> list[float]:
 
 @pytest.mark.parametrize(
     "variant, tp, pp",
-    [("plain", 1, 2), ("zero", 1, 1)],
+    [
+        ("plain", 1, 2),
+        ("zero", 1, 1),
+        pytest.param("plain", 1, 1, marks=pytest.mark.slow),
+        pytest.param("zero", 1, 4, marks=pytest.mark.slow),
+        pytest.param("llama", 1, 1, marks=pytest.mark.slow),
+        pytest.param("llama", 2, 4, marks=pytest.mark.slow),
+    ],
 )
 def test_training_resumed_from_a_resharded_checkpoint_continues_the_curve(tp2_pp2, tmp_path, variant, tp, pp):
+    """Saved at TP 2 x PP 2, resharded to TP x PP with the optimizer state, the run goes on as the
+    uninterrupted one did (fp32, dropout off)."""
     root, curves = tp2_pp2
     target = _reshard(root / f"{variant}_at_{SAVED}", tmp_path / "target", tp, pp)
     grid = ["--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp]
-    argv = [*BASE, *grid, *(ZERO if variant == "zero" else []), "--load", target]
+    flags = {"plain": [], "zero": ZERO, "llama": LLAMA}[variant]
+    argv = [*BASE, *grid, *flags, "--load", target]
     for resumed in run_distributed(_continue, tp * pp, args=(argv,)):
         assert_curves_close(resumed, curves[variant][SAVED:], rtol=1e-5)
