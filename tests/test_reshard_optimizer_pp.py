@@ -157,6 +157,29 @@ def test_merged_optimizer_state_holds_each_stage_and_rank_slice(tp2_pp2, tmp_pat
             assert torch.equal(merged[norm.format(2)][key], stage1[tp][norm.format(0)][key])
 
 
+def _refused(source: Path, target: Path) -> str:
+    with pytest.raises(SystemExit) as info:
+        _reshard(source, target, 1, 1)
+    assert not target.exists()  # nothing half-written
+    return str(info.value)
+
+
+def test_missing_or_foreign_stage_optimizer_state_is_a_clear_error(tp2_pp2, tmp_path):
+    root, _ = tp2_pp2
+    zero = Path(shutil.copytree(root / f"zero_at_{SAVED}", tmp_path / "zero"))
+    missing = Path(get_checkpoint_name(str(zero), SAVED, 1, 1)).parent / DISTRIB
+    missing.unlink()
+    assert f"{missing} not found" in _refused(zero, tmp_path / "out")
+
+    plain = Path(shutil.copytree(root / f"plain_at_{SAVED}", tmp_path / "plain"))
+    path = get_checkpoint_name(str(plain), SAVED, 0, 1)
+    state = torch.load(path, weights_only=False)
+    state["optimizer"]["param_groups"][0]["params"].pop()  # one parameter short of the stage's model
+    torch.save(state, path)
+    message = _refused(plain, tmp_path / "out")
+    assert "stage 1" in message and "param groups" in message and "--keep-optimizer" in message
+
+
 # ------------------------------------------------------------------------------------- continued training
 
 
@@ -185,3 +208,73 @@ def test_training_resumed_from_a_resharded_checkpoint_continues_the_curve(tp2_pp
     argv = [*BASE, *grid, *flags, "--load", target]
     for resumed in run_distributed(_continue, tp * pp, args=(argv,)):
         assert_curves_close(resumed, curves[variant][SAVED:], rtol=1e-5)
+
+
+# ------------------------------------------------- mixed precision, interleaved and uneven source stages
+
+PP2_VARIANTS = {
+    "fp16": ["--fp16", "--initial-loss-scale", 128],
+    "bf16_zero": ["--bf16", *ZERO],
+    "interleaved": ["--num-layers-per-virtual-pipeline-stage", 1],  # 2 chunks per stage: model0, model1
+    "uneven_zero": ["--decoder-first-pipeline-num-layers", 1, *ZERO],  # stages of 1 and 3 layers
+}
+
+
+@pytest.fixture(scope="module")
+def pp2(tmp_path_factory) -> tuple[Path, dict]:
+    """The PP2_VARIANTS trained at TP 1 x PP 2, their checkpoints at SAVED."""
+    root = tmp_path_factory.mktemp("pp2")
+    pp2_grid = ["--pipeline-model-parallel-size", 2]
+    curves = run_distributed(_train_variants, 2, args=(str(root), pp2_grid, PP2_VARIANTS))[-1]
+    for name in curves:
+        _at_saved_iteration(root / name, root / f"{name}_at_{SAVED}")
+    return root, curves
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["fp16", "bf16_zero"])
+def test_mixed_precision_state_round_trips_bitwise(pp2, tmp_path, variant):
+    """fp32 main params, moments and the fp16 loss scaler: PP 2 -> TP 2 x PP 1 -> PP 2 is bitwise."""
+    root, _ = pp2
+    source = root / f"{variant}_at_{SAVED}"
+    middle = _reshard(source, tmp_path / "tp2", 2, 1)
+    back = _reshard(middle, tmp_path / "back", 1, 2)
+    for pp in range(2):
+        before, after = _file(source, 0, pp), _file(back, 0, pp)
+        assert _same(after["model"], before["model"]) and _same(after["optimizer"], before["optimizer"]), pp
+        if variant == "bf16_zero":
+            assert _same(_file(back, 0, pp, DISTRIB), _file(source, 0, pp, DISTRIB)), pp
+    if variant == "fp16":
+        scaler = _file(source, 0, 0)["optimizer"]["grad_scaler"]
+        for tp in range(2):
+            state = _file(middle, tp, None)["optimizer"]
+            assert state["grad_scaler"] == scaler
+            masters = [t for group in state["fp32_from_fp16_params"] for t in group]
+            assert masters and all(t.dtype == torch.float32 for t in masters)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "variant, tp, pp, rtol",
+    [
+        ("interleaved", 1, 4, 1e-5),
+        ("uneven_zero", 2, 1, 1e-5),
+        ("fp16", 1, 1, 1e-4),
+        ("bf16_zero", 1, 1, 2e-4),
+    ],
+)
+def test_resume_from_interleaved_uneven_and_mixed_precision_sources(pp2, tmp_path, variant, tp, pp, rtol):
+    """Saved at PP 2 with virtual stages / an uneven split / fp16 / bf16, resharded with the optimizer state,
+    the run continues the uninterrupted curve: 1e-5 in fp32; in half precision within a tolerance that the
+    same checkpoint resumed with fresh optimizer state (--no-load-optim) misses by a factor 5."""
+    root, curves = pp2
+    target = _reshard(root / f"{variant}_at_{SAVED}", tmp_path / "target", tp, pp)
+    grid = ["--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp]
+    flags = [f for f in PP2_VARIANTS[variant] if f in ("--fp16", "--bf16", *ZERO)]
+    argv = [*BASE, *grid, *flags, "--load", target]
+    if "--fp16" in flags or "--bf16" in flags:
+        fresh = run_distributed(_continue, tp * pp, args=([*argv, "--no-load-optim"],))[-1]
+        want = curves[variant][SAVED:]
+        assert max(abs(f - w) / abs(w) for f, w in zip(fresh, want)) > 5 * rtol
+    for resumed in run_distributed(_continue, tp * pp, args=(argv,)):
+        assert_curves_close(resumed, curves[variant][SAVED:], rtol=rtol)

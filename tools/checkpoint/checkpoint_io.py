@@ -187,7 +187,7 @@ def _load_shard(path: str) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as e:  # a truncated or foreign file: say which
         raise ToolError(f"cannot read checkpoint file {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(state, dict) or "model" not in state:
+    if not isinstance(state, dict) or not ("model" in state or "model0" in state):  # model0..: interleaved
         raise ToolError(f"{path} is not a Megatron checkpoint file (no 'model' entry)")
     version = state.get("checkpoint_version", 0.0)
     if version < 2.0:
