@@ -30,9 +30,12 @@ must agree between stages; ToolError otherwise.
 
 from __future__ import annotations
 
+import argparse
 import copy
+import dataclasses
 import sys
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from torch import Tensor
 
@@ -42,10 +45,15 @@ from tools.checkpoint.checkpoint_io import ToolError
 from tools.checkpoint.optimizer_state import _HALF_DTYPES, _same, optimizer_groups
 from tools.checkpoint.pp_layout import TIED_KEY, saved_layouts
 
-# One stage's or the whole model's plain optimizer state, by parameter name:
-#   {"entries": {name: state entry}, "groups": {wd_mult: hyperparameters}, "masters": {name: fp32 copy}
-#    or None (fp32 training), "extra": the other keys of a mixed-precision state (grad_scaler)}
-Named = dict[str, Any]
+
+@dataclass
+class Named:
+    """One stage's or the whole model's plain optimizer state, by parameter name."""
+
+    entries: dict[str, dict[str, Any]]  # name -> torch optimizer state entry (step, exp_avg, ...)
+    groups: dict[float, dict[str, Any]]  # wd_mult -> the param group's hyperparameters
+    masters: Optional[dict[str, Tensor]]  # name -> fp32 main copy (fp16/bf16 training), else None
+    extra: dict[str, Any]  # the other keys of a mixed-precision state (grad_scaler)
 
 
 def stage_model(
@@ -87,14 +95,14 @@ def to_named(state: dict[str, Any], model: dict[str, Tensor], where: str) -> Nam
     index_name = {
         i: name for group, (_, names) in zip(saved, groups) for i, name in zip(group["params"], names)
     }
-    named: Named = {
-        "entries": {index_name[i]: entry for i, entry in torch_state["state"].items()},
-        "groups": {wd: _hyper(group) for group, (wd, _) in zip(saved, groups)},
-        "masters": None,
-        "extra": {k: v for k, v in state.items() if k not in ("optimizer", "fp32_from_fp16_params")}
+    named = Named(
+        entries={index_name[i]: entry for i, entry in torch_state["state"].items()},
+        groups={wd: _hyper(group) for group, (wd, _) in zip(saved, groups)},
+        masters=None,
+        extra={k: v for k, v in state.items() if k not in ("optimizer", "fp32_from_fp16_params")}
         if mixed
         else {},
-    }
+    )
     if mixed:
         half = [[n for n in names if model[n].dtype in _HALF_DTYPES] for _, names in groups]
         copies = state["fp32_from_fp16_params"]
@@ -102,7 +110,7 @@ def to_named(state: dict[str, Any], model: dict[str, Tensor], where: str) -> Nam
             raise ToolError(
                 f"{where}: fp32_from_fp16_params does not match the model's half-precision parameters"
             )
-        named["masters"] = {n: t for group, names in zip(copies, half) for t, n in zip(group, names)}
+        named.masters = {n: t for group, names in zip(copies, half) for t, n in zip(group, names)}
     return named
 
 
@@ -111,20 +119,20 @@ def from_named(named: Named, model: dict[str, Tensor], where: str) -> dict[str, 
     groups, state, param_groups, copies = optimizer_groups(model), {}, [], []
     index = 0
     for wd_mult, names in groups:
-        if wd_mult not in named["groups"]:
+        if wd_mult not in named.groups:
             raise ToolError(f"{where}: the source optimizer has no param group with wd_mult {wd_mult}")
-        param_groups.append({**copy.deepcopy(named["groups"][wd_mult]), "params": []})
+        param_groups.append({**copy.deepcopy(named.groups[wd_mult]), "params": []})
         for name in names:
-            if name in named["entries"]:
-                state[index] = named["entries"][name]
+            if name in named.entries:
+                state[index] = named.entries[name]
             param_groups[-1]["params"].append(index)
             index += 1
-        if named["masters"] is not None:
-            copies.append([named["masters"][n] for n in names if model[n].dtype in _HALF_DTYPES])
+        if named.masters is not None:
+            copies.append([named.masters[n] for n in names if model[n].dtype in _HALF_DTYPES])
     torch_state = {"state": state, "param_groups": param_groups}
-    if named["masters"] is None:
+    if named.masters is None:
         return torch_state
-    return {"optimizer": torch_state, "fp32_from_fp16_params": copies, **copy.deepcopy(named["extra"])}
+    return {"optimizer": torch_state, "fp32_from_fp16_params": copies, **copy.deepcopy(named.extra)}
 
 
 def _hyper(group: dict[str, Any]) -> dict[str, Any]:
@@ -132,7 +140,7 @@ def _hyper(group: dict[str, Any]) -> dict[str, Any]:
 
 
 def merge_stage_optimizers(
-    stage_files: list[dict[str, Any]], args: Any, whole: dict[str, Tensor], where: str
+    stage_files: list[dict[str, Any]], args: argparse.Namespace, whole: dict[str, Tensor], where: str
 ) -> dict[str, Any]:
     """The whole model's plain optimizer state (as PP 1 saves it) from one TP rank's stage files."""
     parts = []
@@ -140,24 +148,18 @@ def merge_stage_optimizers(
         state = _require_optimizer(stage_file, f"{where} stage {stage}")
         model, to_global = stage_model(stage_file, chunks)
         parts.append((to_named(state, model, f"{where} stage {stage}"), to_global))
-    mixed = parts[0][0]["masters"] is not None
-    merged: Named = {
-        "entries": {},
-        "groups": {},
-        "masters": {} if mixed else None,
-        "extra": parts[0][0]["extra"],
-    }
+    mixed = parts[0][0].masters is not None
+    merged = Named(entries={}, groups={}, masters={} if mixed else None, extra=parts[0][0].extra)
     for stage, (named, to_global) in enumerate(parts):
-        _merge_shared(
-            merged["groups"], named["groups"], f"{where}: optimizer hyperparameters of stage {stage}"
-        )
-        if (named["masters"] is not None) != mixed or not _same(named["extra"], merged["extra"]):
+        _merge_shared(merged.groups, named.groups, f"{where}: optimizer hyperparameters of stage {stage}")
+        if (named.masters is not None) != mixed or not _same(named.extra, merged.extra):
             raise ToolError(
                 f"{where}: the fp32 main params or loss-scaler state of stage {stage} differ from stage 0's"
             )
-        for key in ("entries", "masters"):
-            for name, value in (named[key] or {}).items():
-                _merge_value(merged[key], to_global[name], value, f"{where}: optimizer state of {name}")
+        for name, entry in named.entries.items():
+            _merge_value(merged.entries, to_global[name], entry, f"{where}: optimizer state of {name}")
+        for name, master in (named.masters or {}).items():
+            _merge_value(merged.masters, to_global[name], master, f"{where}: fp32 main param of {name}")
     return from_named(merged, whole, where)
 
 
@@ -167,10 +169,13 @@ def split_stage_optimizer(state: dict[str, Any], whole: dict[str, Tensor], stage
     named = to_named(state, whole, "resharded optimizer")
     out = []
     for model, names in zip(stage_models, target_stage_names(stage_models, num_layers)):
-        local: Named = {**named, "entries": {}, "masters": None if named["masters"] is None else {}}
-        for key in ("entries", "masters"):
-            if named[key] is not None:
-                local[key] = {n: named[key][g] for n, g in names.items() if g in named[key]}
+        local = dataclasses.replace(
+            named,
+            entries={n: named.entries[g] for n, g in names.items() if g in named.entries},
+            masters=None
+            if named.masters is None
+            else {n: named.masters[g] for n, g in names.items() if g in named.masters},
+        )
         out.append(from_named(local, model, "resharded optimizer"))
     return out
 
@@ -179,7 +184,7 @@ def split_stage_optimizer(state: dict[str, Any], whole: dict[str, Tensor], stage
 
 
 def merge_stage_shared(
-    stage_files: list[dict[str, Any]], args: Any, whole: dict[str, Tensor], where: str
+    stage_files: list[dict[str, Any]], args: argparse.Namespace, whole: dict[str, Tensor], where: str
 ) -> dict[str, Any]:
     """The whole model's model_optim_rng.pt "optimizer" entry of the distributed optimizer (param-group
     hyperparameters, loss scaler), from one TP rank's stage files."""
@@ -226,7 +231,10 @@ def shared_groups(state: dict[str, Any], model: dict[str, Tensor]) -> dict[float
 
 
 def merge_stage_distrib(
-    distrib_files: list[dict[str, Any]], stage_files: list[dict[str, Any]], args: Any, where: str
+    distrib_files: list[dict[str, Any]],
+    stage_files: list[dict[str, Any]],
+    args: argparse.Namespace,
+    where: str,
 ) -> dict[str, Any]:
     """The whole model's distrib_optim.pt content from one TP rank's stages' files (global names)."""
     param_state: dict[str, dict[str, Tensor]] = {}
