@@ -8,12 +8,15 @@ from __future__ import annotations
 import argparse
 import shutil
 import zlib
+from functools import partial
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 from torch import nn
 
+import pretrain_bert
 import pretrain_gpt
 from megatron.checkpoint_format import from_megatron_state_dict, get_checkpoint_name
 from megatron.parallel.pipeline_layout import global_key
@@ -51,22 +54,37 @@ def _randomise_by_global_name(model: nn.Module, parallel: ParallelState) -> None
         param.copy_(0.05 * values + (1.0 if "layernorm.weight" in name else 0.0))
 
 
-def _provider(args: argparse.Namespace, parallel: ParallelState, run: RunState, stage=None) -> nn.Module:
-    model = pretrain_gpt.model_provider(args, parallel, run, stage=stage)
+def _provider(
+    module: ModuleType, args: argparse.Namespace, parallel: ParallelState, run: RunState, stage=None
+) -> nn.Module:
+    model = module.model_provider(args, parallel, run, stage=stage)
     _randomise_by_global_name(model, parallel)
     return model
 
 
-def _train(argv: list) -> list[float]:
-    summary = pretrain(pretrain_gpt.train_valid_test_datasets_provider, _provider, pretrain_gpt.forward_step,
+def _train(argv: list, model: str = "gpt") -> list[float]:
+    """The losses of every iteration of the randomised GPT (lm loss) or BERT (lm loss, sop loss)."""
+    module = pretrain_bert if model == "bert" else pretrain_gpt
+    summary = pretrain(module.train_valid_test_datasets_provider, partial(_provider, module), module.forward_step,
                        args_defaults={"tokenizer_type": "GPT2BPETokenizer"}, argv=[str(a) for a in argv])  # fmt: skip
-    return [step["lm loss"] for step in summary["losses"]]
+    return [step[key] for step in summary["losses"] for key in sorted(step) if key.endswith(" loss")]
+
+
+def _model(variant: str) -> str:
+    return "bert" if variant.startswith("bert") else "gpt"
+
+
+def _after_saved(curve: list[float]) -> list[float]:
+    """The losses of the iterations after SAVED (one or more per iteration)."""
+    return curve[len(curve) * SAVED // TOTAL :]
 
 
 def _train_variants(rank: int, world_size: int, root: str, grid: list, variants: dict) -> dict:
     """Each variant trained TOTAL iterations at `grid`, saving at SAVED (and at the end)."""
     return {
-        name: _train([*BASE, *grid, *extra, "--save", f"{root}/{name}", "--save-interval", SAVED])
+        name: _train(
+            [*BASE, *grid, *extra, "--save", f"{root}/{name}", "--save-interval", SAVED], _model(name)
+        )
         for name, extra in variants.items()
     }
 
@@ -183,8 +201,8 @@ def test_missing_or_foreign_stage_optimizer_state_is_a_clear_error(tp2_pp2, tmp_
 # ------------------------------------------------------------------------------------- continued training
 
 
-def _continue(rank: int, world_size: int, argv: list) -> list[float]:
-    return _train(argv)
+def _continue(rank: int, world_size: int, argv: list, model: str = "gpt") -> list[float]:
+    return _train(argv, model)
 
 
 @pytest.mark.parametrize(
@@ -207,7 +225,7 @@ def test_training_resumed_from_a_resharded_checkpoint_continues_the_curve(tp2_pp
     flags = {"plain": [], "zero": ZERO, "llama": LLAMA}[variant]
     argv = [*BASE, *grid, *flags, "--load", target]
     for resumed in run_distributed(_continue, tp * pp, args=(argv,)):
-        assert_curves_close(resumed, curves[variant][SAVED:], rtol=1e-5)
+        assert_curves_close(resumed, _after_saved(curves[variant]), rtol=1e-5)
 
 
 # ------------------------------------------------- mixed precision, interleaved and uneven source stages
@@ -217,6 +235,7 @@ PP2_VARIANTS = {
     "bf16_zero": ["--bf16", *ZERO],
     "interleaved": ["--num-layers-per-virtual-pipeline-stage", 1],  # 2 chunks per stage: model0, model1
     "uneven_zero": ["--decoder-first-pipeline-num-layers", 1, *ZERO],  # stages of 1 and 3 layers
+    "bert": [],  # BERT: LM head, pooler and binary head on the last stage, tied word_embeddings_for_head
 }
 
 
@@ -232,9 +251,10 @@ def pp2(tmp_path_factory) -> tuple[Path, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["fp16", "bf16_zero"])
-def test_mixed_precision_state_round_trips_bitwise(pp2, tmp_path, variant):
-    """fp32 main params, moments and the fp16 loss scaler: PP 2 -> TP 2 x PP 1 -> PP 2 is bitwise."""
+@pytest.mark.parametrize("variant", ["fp16", "bf16_zero", "bert"])
+def test_mixed_precision_and_bert_state_round_trips_bitwise(pp2, tmp_path, variant):
+    """fp32 main params, moments and the fp16 loss scaler, and BERT's state: PP 2 -> TP 2 x PP 1 -> PP 2 is
+    bitwise."""
     root, _ = pp2
     source = root / f"{variant}_at_{SAVED}"
     middle = _reshard(source, tmp_path / "tp2", 2, 1)
@@ -261,20 +281,24 @@ def test_mixed_precision_state_round_trips_bitwise(pp2, tmp_path, variant):
         ("uneven_zero", 2, 1, 1e-5),
         ("fp16", 1, 1, 1e-4),
         ("bf16_zero", 1, 1, 2e-4),
+        ("bert", 1, 1, 1e-5),
     ],
 )
-def test_resume_from_interleaved_uneven_and_mixed_precision_sources(pp2, tmp_path, variant, tp, pp, rtol):
-    """Saved at PP 2 with virtual stages / an uneven split / fp16 / bf16, resharded with the optimizer state,
-    the run continues the uninterrupted curve: 1e-5 in fp32; in half precision within a tolerance that the
-    same checkpoint resumed with fresh optimizer state (--no-load-optim) misses by a factor 5."""
+def test_resume_from_interleaved_uneven_mixed_precision_and_bert_sources(
+    pp2, tmp_path, variant, tp, pp, rtol
+):
+    """Saved at PP 2 with virtual stages / an uneven split / fp16 / bf16 / as BERT, resharded with the
+    optimizer state, the run continues the uninterrupted curve: 1e-5 in fp32; in half precision within a
+    tolerance that the same checkpoint resumed with fresh optimizer state (--no-load-optim) misses by a
+    factor 5."""
     root, curves = pp2
     target = _reshard(root / f"{variant}_at_{SAVED}", tmp_path / "target", tp, pp)
     grid = ["--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp]
     flags = [f for f in PP2_VARIANTS[variant] if f in ("--fp16", "--bf16", *ZERO)]
     argv = [*BASE, *grid, *flags, "--load", target]
     if "--fp16" in flags or "--bf16" in flags:
-        fresh = run_distributed(_continue, tp * pp, args=([*argv, "--no-load-optim"],))[-1]
-        want = curves[variant][SAVED:]
+        fresh = run_distributed(_continue, tp * pp, args=([*argv, "--no-load-optim"], _model(variant)))[-1]
+        want = _after_saved(curves[variant])
         assert max(abs(f - w) / abs(w) for f, w in zip(fresh, want)) > 5 * rtol
-    for resumed in run_distributed(_continue, tp * pp, args=(argv,)):
-        assert_curves_close(resumed, curves[variant][SAVED:], rtol=rtol)
+    for resumed in run_distributed(_continue, tp * pp, args=(argv, _model(variant))):
+        assert_curves_close(resumed, _after_saved(curves[variant]), rtol=rtol)
