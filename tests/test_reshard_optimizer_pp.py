@@ -142,6 +142,21 @@ def test_round_trip_tp2_pp2_to_tp1_pp1_and_back_is_bitwise(tp2_pp2, tmp_path, va
                 assert _same(_file(back, tp, pp, DISTRIB), _file(source, tp, pp, DISTRIB)), (tp, pp)
 
 
+@pytest.mark.parametrize("variant", ["plain", "zero"])
+def test_resharding_to_the_same_layout_keeps_every_stage_file(tp2_pp2, tmp_path, variant):
+    """TP 2 x PP 2 -> TP 2 x PP 2 keeps each stage's own RNG states too, so even a run with dropout resumes
+    as it would from the source."""
+    root, _ = tp2_pp2
+    source = root / f"{variant}_at_{SAVED}"
+    same = _reshard(source, tmp_path / "same", 2, 2)
+    for tp in range(2):
+        for pp in range(2):
+            before, after = _file(source, tp, pp), _file(same, tp, pp)
+            for key in ("model", "optimizer", "opt_param_scheduler", "rng_state", "iteration"):
+                assert _same(after[key], before[key]), (tp, pp, key)
+    assert not _same(_file(source, 0, 0)["rng_state"], _file(source, 0, 1)["rng_state"])  # stages differ
+
+
 def _stage_state_by_name(save: Path, tp: int, pp: int) -> dict[str, dict]:
     """{parameter name: Adam entry} of one stage of a plain-optimizer checkpoint, independently of the
     tools: names from the stage's own model in its optimizer's group order."""

@@ -1,5 +1,8 @@
 """Reshard a checkpoint's optimizer state (fp32 main params and the optimizer's moments) to another TP size.
 
+The states here are whole-model ones, as a pipeline size 1 run writes them; tools/checkpoint/pp_optimizer.py
+merges pipeline stages into that form and splits it again.
+
 The state of one TP rank (megatron/optimizer/optimizer.py) is, for fp32 training, the torch optimizer's
 state dict
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -218,9 +222,11 @@ def _check_same_across_ranks(values: list[Any], what: str) -> None:
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Structural equality that compares tensors by value (bitwise)."""
+    """Structural equality that compares tensors and numpy arrays by value (bitwise)."""
     if isinstance(a, Tensor) or isinstance(b, Tensor):
         return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):  # numpy's RNG state
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.array_equal(a, b)
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
