@@ -33,6 +33,7 @@ if __package__ in (None, ""):  # run as a script (python tasks/main.py): make th
 from megatron.arguments import build_parser, parse_args  # noqa: E402
 from megatron.checkpointing import CheckpointError  # noqa: E402
 from megatron.initialize import initialize_megatron  # noqa: E402
+from megatron.parallel.pipeline_layout import virtual_pipeline_size  # noqa: E402
 from megatron.tokenizer import (  # noqa: E402
     AbstractTokenizer,
     TokenizerConfigError,
@@ -88,11 +89,12 @@ def check_task_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         for path in getattr(args, flag) or []:
             if not os.path.exists(path):
                 fail(f"--{flag.replace('_', '-')}: no such file or directory: {path}")
-    if args.pipeline_model_parallel_size > 1 and task not in ZERO_SHOT_TASKS:
+    if virtual_pipeline_size(args) > 1 and task not in ZERO_SHOT_TASKS:
         fail(
-            f"--task {task} (fine-tuning) runs with --pipeline-model-parallel-size 1 (its classification models "
-            "are not split into stages yet): convert the checkpoint with tools/checkpoint/reshard.py "
-            "--target-pipeline-model-parallel-size 1"
+            f"--task {task} (fine-tuning) does not run the interleaved schedule, as in Megatron-LM (each "
+            "evaluation batch is one micro batch, and interleaving needs a multiple of "
+            "--pipeline-model-parallel-size): drop --virtual-pipeline-model-parallel-size / "
+            "--num-layers-per-virtual-pipeline-stage"
         )
     if task in ZERO_SHOT_TASKS:
         for flag in ("train_data", "epochs", "pretrained_checkpoint"):
