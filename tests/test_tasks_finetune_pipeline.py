@@ -102,10 +102,17 @@ def _final_params(save: Path, tp: int, pp: int) -> dict[str, torch.Tensor]:
     return merged
 
 
-def _compare(files, randomised, task: str, grids: list[tuple[int, int, int]], tmp: Path) -> None:  # noqa: F811
-    """Each (tp, pp, dp) grid's run equals the single-process one: losses (1e-5), accuracy of every epoch
-    (exact), every final parameter (1e-5; every one moved 10x beyond that from its start); the
-    metric and log lines are printed by the last rank only."""
+def _compare(
+    files,  # noqa: F811
+    randomised: dict,
+    task: str,
+    grids: list[tuple[int, int, int]],
+    tmp: Path,
+    extra: tuple[str, ...] = (),
+) -> None:
+    """Each (tp, pp, dp) grid's run (with the `extra` flags) equals the single-process one: losses (1e-5),
+    accuracy of every epoch (exact), every final parameter (1e-5; every one moved 10x beyond that from its
+    start); the metric and log lines are printed by the last rank only."""
     reference_losses, reference_accuracy, out = _finetune(
         0, 1, files, task, ["--save", str(tmp / "ref")], "random"
     )
@@ -123,7 +130,7 @@ def _compare(files, randomised, task: str, grids: list[tuple[int, int, int]], tm
     for tp, pp, dp in grids:
         save = tmp / f"tp{tp}_pp{pp}_dp{dp}"
         results = run_distributed(
-            _finetune, tp * pp * dp, args=(files, task, [*_grid(tp, pp), "--save", str(save)], f"random_tp{tp}_pp{pp}")
+            _finetune, tp * pp * dp, args=(files, task, [*_grid(tp, pp), *extra, "--save", str(save)], f"random_tp{tp}_pp{pp}")
         )  # fmt: skip
         for rank, (losses, accuracy, out) in enumerate(results):
             assert losses == pytest.approx(reference_losses, rel=1e-5), (tp, pp, dp, rank)
@@ -145,9 +152,39 @@ def test_mnli_and_race_pp2_equal_single_process(files, randomised, tmp_path):  #
     _compare(files, randomised, "RACE", [(1, 2, 1)], tmp_path / "race")
 
 
-def _straight_resumed_and_wrong_layout(rank: int, world_size: int, files: dict, tmp: str) -> tuple:  # noqa: F811
+@pytest.mark.slow
+def test_mnli_tp2_pp2_and_pp2_dp2_equal_single_process(files, randomised, tmp_path):  # noqa: F811
+    _compare(files, randomised, "MNLI", [(2, 2, 1), (1, 2, 2)], tmp_path)
+
+
+@pytest.mark.slow
+def test_race_tp2_pp2_sequence_parallel_equals_single_process(files, randomised, tmp_path):  # noqa: F811
+    """Stages send [4 x micro batch, s/t, h]; only the last stage gathers the sequence for the pooler."""
+    _compare(files, randomised, "RACE", [(2, 2, 1)], tmp_path, ("--sequence-parallel",))
+
+
+def _without_pooler(pretrained: Path, out: Path) -> None:
+    """A copy of the PP 2 checkpoint `pretrained` whose last stage lacks the pooler (as BERT trained with
+    --bert-no-binary-head): only that stage misses weights."""
+    shutil.copytree(pretrained, out)
+    path = get_checkpoint_name(str(out), 0, 0, 1, release=True)
+    state = torch.load(path, weights_only=False)
+    model = from_megatron_state_dict(state["model"])
+    state["model"] = to_megatron_state_dict({k: v for k, v in model.items() if ".pooler." not in k})
+    torch.save(state, path)
+
+
+def _refused(rank: int, world_size: int, files: dict, pretrained: str) -> tuple[int, str]:  # noqa: F811
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as info:
+        _finetune(rank, world_size, files, "MNLI", _grid(1, 2), pretrained)
+    return info.value.code, stderr.getvalue()
+
+
+def _straight_resumed_and_refused(rank: int, world_size: int, files: dict, tmp: str) -> dict:  # noqa: F811
     """At PP 2, dropout on: a 2-epoch MNLI run; the same run resumed from a copy of its checkpoint at the
-    end of epoch 1; then the PP 1 pretrained checkpoint, which must be refused."""
+    end of epoch 1; then two pretrained checkpoints that must be refused: the PP 1 one, and a PP 2 one
+    whose last stage lacks the pooler."""
     dropout = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1", *_grid(1, 2)]
     straight = _finetune(
         rank, world_size, files, "MNLI", [*dropout, "--save", f"{tmp}/straight"], "random_tp1_pp2"
@@ -156,25 +193,31 @@ def _straight_resumed_and_wrong_layout(rank: int, world_size: int, files: dict, 
         assert sorted(os.listdir(f"{tmp}/straight"))[:2] == ["iter_0000006", "iter_0000012"]
         shutil.copytree(f"{tmp}/straight", f"{tmp}/resumed", ignore=shutil.ignore_patterns("iter_0000012"))
         Path(f"{tmp}/resumed/latest_checkpointed_iteration.txt").write_text("6")
+        _without_pooler(files["tmp"] / "random_tp1_pp2", Path(tmp) / "no_pooler")
     torch.distributed.barrier()
     flags = [*dropout, "--load", f"{tmp}/resumed", "--save", f"{tmp}/resumed"]
     resumed = _finetune(rank, world_size, files, "MNLI", flags, "random_tp1_pp2")
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as info:
-        _finetune(rank, world_size, files, "MNLI", _grid(1, 2), "random")
-    return straight[:2], resumed[:2], info.value.code, stderr.getvalue()
+    return {"straight": straight[:2], "resumed": resumed[:2], "pp1": _refused(rank, world_size, files, "random"),
+            "no_pooler": _refused(rank, world_size, files, f"{tmp}/no_pooler")}  # fmt: skip
 
 
-def test_pp2_checkpoint_resumes_and_pp1_pretrained_is_refused(files, randomised, tmp_path):  # noqa: F811
+def test_pp2_checkpoint_resumes_and_bad_pretrained_is_refused(files, randomised, tmp_path):  # noqa: F811
     """The PP 2 checkpoint (mp_rank_00_000, mp_rank_00_001) resumes bitwise: the losses of epoch 2, its
-    accuracy and every final parameter; a pretrained checkpoint of another layout names reshard.py."""
-    results = run_distributed(_straight_resumed_and_wrong_layout, 2, args=(files, str(tmp_path)))
-    for (losses, accuracy), (resumed_losses, resumed_accuracy), code, err in results:
+    accuracy and every final parameter. A pretrained checkpoint of another layout names reshard.py; one
+    whose last stage lacks the pooler stops both stages (none waits for the other), each with a message."""
+    results = run_distributed(_straight_resumed_and_refused, 2, args=(files, str(tmp_path)))
+    for rank, result in enumerate(results):
+        (losses, accuracy), (resumed_losses, resumed_accuracy) = result["straight"], result["resumed"]
         assert len(losses) == 12 and resumed_losses == losses[6:]
         assert resumed_accuracy == accuracy[1:]
+        code, err = result["pp1"]
         assert code == 1 and "Traceback" not in err
         assert "was saved with --tensor-model-parallel-size 1 x --pipeline-model-parallel-size 1" in err
         assert "tools/checkpoint/reshard.py" in err and "--target-pipeline-model-parallel-size 2" in err
+        code, err = result["no_pooler"]
+        lacks = "of another pipeline stage" if rank == 0 else "['language_model.pooler.dense."
+        lacks = f"encoder weights {lacks}"
+        assert code == 1 and f"--pretrained-checkpoint {tmp_path / 'no_pooler'} lacks {lacks}" in err, err
     straight, resumed = _final_params(tmp_path / "straight", 1, 2), _final_params(tmp_path / "resumed", 1, 2)
     assert set(straight) == set(resumed)
     for key, value in straight.items():
