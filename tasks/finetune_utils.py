@@ -69,7 +69,8 @@ class FinetuneTask:
     # a --train-data / --valid-data path -> dataset of sample dicts, with a `name` (printed with its accuracy)
     build_dataset: Callable[[str], Dataset]
     model_provider: ModelProvider
-    sequences_per_sample: int = 1  # RACE: 4 (one sequence per choice), for the FLOP count in the log
+    # RACE: 4 (one sequence per choice), for the stages' activation shape and the FLOP count in the log
+    sequences_per_sample: int = 1
 
 
 def _model_output(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

@@ -1,7 +1,8 @@
 """Downstream tasks with Megatron-LM's flags: zero-shot GPT evaluation and BERT fine-tuning.
 
     python tasks/main.py --task TASK [task flags] [model, tokenizer and training flags of pretraining]
-    torchrun --nproc_per_node N tasks/main.py --task TASK --tensor-model-parallel-size T ...
+    torchrun --nproc_per_node N tasks/main.py --task TASK --tensor-model-parallel-size T \
+        --pipeline-model-parallel-size P ...
 
 --task          data (--valid-data / --train-data)                  what it does
 WIKITEXT103     one WikiText .tokens/.txt file                      perplexity of the GPT model in --load
@@ -15,6 +16,8 @@ stride, default 32), --strict-lambada, --eval-micro-batch-size B (default --micr
 --load is the model to evaluate (zero-shot) or a fine-tuning run to resume; --use-checkpoint-args takes
 the model and tokenizer flags from it. Fine-tuning length comes from --epochs, so --train-iters and
 --train-samples are not given. The work is done in tasks/zeroshot_gpt, tasks/race, tasks/glue.
+Any tensor x pipeline x data grid runs; fine-tuning goes through the pipeline schedules (not the
+interleaved one, which Megatron-LM's tasks refuse too), and its checkpoints must have the run's TP x PP.
 
 A user error (a flag, a missing or malformed file, a checkpoint that does not fit) is reported in one
 line naming the flag, file or line, with a non-zero exit status and no traceback.

@@ -28,7 +28,7 @@ from tasks import main as tasks_main
 from tasks.classification import Classification, MultipleChoice
 from tests.distributed_utils import run_distributed
 from tests.randomize import randomize_parameters_
-from tests.test_tasks_finetune import _config, _finetune_argv
+from tests.test_tasks_finetune import MODEL, _config, _finetune_argv
 from tests.test_tasks_finetune import files as files  # noqa: F401 - the module's fixture, shared
 from tools.checkpoint import reshard
 
@@ -183,7 +183,7 @@ def _refused(rank: int, world_size: int, files: dict, pretrained: str) -> tuple[
 
 def _straight_resumed_and_refused(rank: int, world_size: int, files: dict, tmp: str) -> dict:  # noqa: F811
     """At PP 2, dropout on: a 2-epoch MNLI run; the same run resumed from a copy of its checkpoint at the
-    end of epoch 1; then two pretrained checkpoints that must be refused: the PP 1 one, and a PP 2 one
+    end of epoch 1; the final checkpoint evaluated with --epochs 0; then two pretrained checkpoints that must be refused: the PP 1 one, and a PP 2 one
     whose last stage lacks the pooler."""
     dropout = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1", *_grid(1, 2)]
     straight = _finetune(
@@ -197,19 +197,25 @@ def _straight_resumed_and_refused(rank: int, world_size: int, files: dict, tmp: 
     torch.distributed.barrier()
     flags = [*dropout, "--load", f"{tmp}/resumed", "--save", f"{tmp}/resumed"]
     resumed = _finetune(rank, world_size, files, "MNLI", flags, "random_tp1_pp2")
-    return {"straight": straight[:2], "resumed": resumed[:2], "pp1": _refused(rank, world_size, files, "random"),
+    evaluate = ["--task", "MNLI", "--epochs", "0", "--valid-data", str(files["tmp"] / DATA["MNLI"][1]), "--load",
+                f"{tmp}/straight", *MODEL, *files["tok"], "--micro-batch-size", "4", *_grid(1, 2)]  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluated = tasks_main.main(evaluate)["accuracy"]
+    return {"straight": straight[:2], "resumed": resumed[:2], "evaluated": evaluated,
+            "pp1": _refused(rank, world_size, files, "random"),
             "no_pooler": _refused(rank, world_size, files, f"{tmp}/no_pooler")}  # fmt: skip
 
 
 def test_pp2_checkpoint_resumes_and_bad_pretrained_is_refused(files, randomised, tmp_path):  # noqa: F811
     """The PP 2 checkpoint (mp_rank_00_000, mp_rank_00_001) resumes bitwise: the losses of epoch 2, its
-    accuracy and every final parameter. A pretrained checkpoint of another layout names reshard.py; one
+    accuracy and every final parameter; evaluated alone (--epochs 0) it gives the same accuracy. A pretrained checkpoint of another layout names reshard.py; one
     whose last stage lacks the pooler stops both stages (none waits for the other), each with a message."""
     results = run_distributed(_straight_resumed_and_refused, 2, args=(files, str(tmp_path)))
     for rank, result in enumerate(results):
         (losses, accuracy), (resumed_losses, resumed_accuracy) = result["straight"], result["resumed"]
         assert len(losses) == 12 and resumed_losses == losses[6:]
         assert resumed_accuracy == accuracy[1:]
+        assert result["evaluated"] == accuracy[1:]  # --epochs 0 --load of the PP 2 checkpoint
         code, err = result["pp1"]
         assert code == 1 and "Traceback" not in err
         assert "was saved with --tensor-model-parallel-size 1 x --pipeline-model-parallel-size 1" in err
