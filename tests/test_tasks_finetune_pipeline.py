@@ -1,9 +1,11 @@
 """Fine-tuning under pipeline parallelism (tasks/main.py --task MNLI / RACE with
---pipeline-model-parallel-size 2): the loss curve, the validation accuracy of every epoch and every final
-parameter equal the single-process run (fp32, dropout off, every parameter randomised through the
-pretrained checkpoint, resharded to the grid with tools/checkpoint/reshard.py); the accuracy and log lines
-come from the last rank only; a PP 2 checkpoint (mp_rank_TT_PPP) resumes to the same run; the interleaved
-schedule is refused with a clear error.
+--pipeline-model-parallel-size 2; slow: TP 2 x PP 2, PP 2 x DP 2, TP 2 x PP 2 with sequence parallelism):
+the loss curve, the validation accuracy of every epoch and every final parameter equal the single-process
+run (fp32, dropout off, every parameter randomised through the pretrained checkpoint, resharded to the grid
+with tools/checkpoint/reshard.py); the accuracy and log lines come from the last rank only; a PP 2
+checkpoint (mp_rank_TT_PPP) resumes bitwise (dropout on) and evaluates alone; a pretrained checkpoint of
+another layout, or one that lacks weights of one stage only, stops every rank with a clear error; the
+interleaved schedule is refused.
 
 SGD, not Adam: Adam divides each gradient by its own running RMS, so a parameter whose exact gradient is
 zero (the key bias) moves by about lr in the direction of its rounding noise, which differs with the
