@@ -7,7 +7,15 @@ tests/test_pipeline_training.py's, which splits SwiGLU's [gate; up] per TP rank 
 from __future__ import annotations
 
 import pytest
+import torch
 
+from megatron.model import GPTModel
+from megatron.parallel.pipeline_layout import global_key, stage_layouts
+from megatron.parallel.random import model_parallel_seed
+from megatron.parallel.state import single_process_state
+from tests.test_llama_parallel import LLAMA as LLAMA_CONFIG
+from tests.test_llama_parallel import llama_model
+from tests.test_model_common import tiny_config
 from tests.test_pipeline_training import ADAM, _compare_with_single_process
 from tests.test_pipeline_training import wikitext as wikitext  # the module-scoped real-data fixture
 
@@ -17,6 +25,29 @@ LLAMA = (
     "--norm-epsilon", "1e-6", "--swiglu", "--ffn-hidden-size", "24", "--group-query-attention",
     "--num-query-groups", "2", "--untie-embeddings-and-output-weights", "--disable-bias-linear",
 )  # fmt: skip
+
+
+def test_llama_stages_hold_the_whole_models_initial_weights():
+    """Each of 2 stages (and of 2 stages x 2 virtual chunks) of the untied Llama holds exactly its part of
+    the whole model, drawn as the whole model draws it: the embedding on the first chunk, the final norm
+    and the output layer on the last, no copy of a tied embedding anywhere."""
+    parallel = single_process_state()
+    whole = dict(llama_model(parallel, num_layers=4).named_parameters())
+    for vp in (1, 2):
+        held = {}
+        for chunks in stage_layouts(4, 2, vp):
+            for layout in chunks:
+                model_parallel_seed(1234, parallel)
+                stage = GPTModel(
+                    tiny_config("gpt", **{**LLAMA_CONFIG, "num_layers": 4}), parallel, stage=layout
+                )
+                for name, param in stage.named_parameters():
+                    assert name != "word_embeddings_for_head.weight"
+                    assert global_key(name, layout) not in held, name
+                    held[global_key(name, layout)] = param
+        assert held.keys() == whole.keys()
+        for name, param in whole.items():
+            assert torch.equal(held[name], param), (vp, name)
 
 
 def test_llama_pp2_equals_single_process(wikitext, tmp_path):
