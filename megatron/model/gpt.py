@@ -101,4 +101,6 @@ class GPTModel(nn.Module):
                 hidden, weight, self.parallel, self.parallel_output, sequence_parallel=sp
             )
         logits = parallel_lm_logits(hidden, weight, self.parallel, parallel_output=True, sequence_parallel=sp)
-        return vocab_parallel_cross_entropy(logits.float(), labels, self.parallel.tp_group)
+        return vocab_parallel_cross_entropy(
+            logits.float(), labels, self.parallel.tp_group, overwrite_logits=True
+        )

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from megatron.model.config import TransformerConfig
 from megatron.model.norms import RMSNorm
 from megatron.model.rotary import apply_rotary_pos_emb, rotary_dim
+from megatron.model.swiglu import swiglu
 from megatron.model.utils import alibi_slopes, gelu
 from megatron.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.parallel.random import checkpoint, get_rng_tracker
@@ -353,8 +354,7 @@ class ParallelMLP(nn.Module):
         """x: [batch, seq, hidden] -> [batch, seq, hidden]."""
         intermediate, _ = self.dense_h_to_4h(x)
         if self.swiglu:
-            gate, up = intermediate.chunk(2, dim=-1)
-            output, _ = self.dense_4h_to_h(F.silu(gate) * up)
+            output, _ = self.dense_4h_to_h(swiglu(intermediate))
         else:
             output, _ = self.dense_4h_to_h(gelu(intermediate, self.gelu_tanh))
         return output
