@@ -5,7 +5,9 @@ clip_grad_norm_ 1.0), fp32. Called by `python benchmarks/train_throughput.py --a
 Both models are built once; then `--repeats` rounds each time `--iters` steps of one and then of the other
 (alternating which goes first), so slow drifts of the machine hit both alike. Printed: the median tokens/s of
 each over the rounds, every round's numbers, the ratio of the medians, and the median and range of the
-per-round ratios (the steadier number on a machine whose load changes).
+per-round ratios (the steadier number on a machine whose load changes). With `--cpu-time` every step of both
+is timed by the process's CPU time (time.process_time) instead of the wall clock: tokens per CPU second, which
+time spent waiting for cores taken by other jobs does not inflate.
 """
 
 from __future__ import annotations
@@ -104,21 +106,30 @@ def hf_step(shape: dict, vocab: int, device: str) -> tuple[torch.nn.Module, Call
     return model, step
 
 
-def _seconds_per_step(step: Callable[[], None], iters: int, device: str) -> float:
+def _seconds_per_step(
+    step: Callable[[], None], iters: int, device: str, clock: Callable[[], float] = time.perf_counter
+) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = clock()
     for _ in range(iters):
         step()
     if device == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters
+    return (clock() - start) / iters
 
 
 def run(
-    preset: str, vocab: int, device: str, iters: int, warmup: int, repeats: int
+    preset: str,
+    vocab: int,
+    device: str,
+    iters: int,
+    warmup: int,
+    repeats: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
-    """tokens/s of each implementation in every round (interleaved, alternating order)."""
+    """tokens/s of each implementation in every round (interleaved, alternating order), by `clock`
+    (time.process_time: tokens per CPU second of this process, for both alike)."""
     shape = LLAMA_PRESETS[preset]
     steps = {
         "ours": ours_step(shape, vocab, device)[1],
@@ -132,7 +143,7 @@ def run(
     for round_index in range(repeats):
         order = list(steps) if round_index % 2 == 0 else list(reversed(steps))
         for name in order:
-            rates[name].append(tokens / _seconds_per_step(steps[name], iters, device))
+            rates[name].append(tokens / _seconds_per_step(steps[name], iters, device, clock))
     return rates
 
 
@@ -144,18 +155,21 @@ def main(args: argparse.Namespace) -> None:
         ffn_hidden_size=shape["ffn_hidden_size"], num_attention_heads=shape["num_attention_heads"],
         num_query_groups=shape["num_query_groups"], swiglu=True,
     )  # fmt: skip
+    clock, unit = (time.process_time, "CPU s") if args.cpu_time else (time.perf_counter, "s")
     print(f"llama shape {preset}: {shape}, vocab {args.vocab_size}; device {args.device}, threads "
-          f"{torch.get_num_threads()}; fp32; {args.repeats} interleaved rounds of {args.iters} steps")  # fmt: skip
-    rates = run(preset, args.vocab_size, args.device, args.iters, args.warmup, args.repeats)
+          f"{torch.get_num_threads()}; fp32; {args.repeats} interleaved rounds of {args.iters} steps; "
+          f"timed by {clock.__name__}")  # fmt: skip
+    rates = run(preset, args.vocab_size, args.device, args.iters, args.warmup, args.repeats, clock)
     tokens = shape["micro_batch_size"] * shape["seq_length"]
     for name, values in rates.items():
         median = statistics.median(values)
         rounds = " ".join(f"{v:.0f}" for v in values)
         print(
-            f"{name:22s} median {median:9.0f} tokens/s {flops * median / tokens / 1e12:7.3f} TFLOP/s  (rounds: {rounds})"
+            f"{name:22s} median {median:9.0f} tokens/{unit} {flops * median / tokens / 1e12:7.3f} TFLOP/{unit}"
+            f"  (rounds: {rounds})"
         )
     ratio = statistics.median(rates["ours"]) / statistics.median(rates["HF LlamaForCausalLM"])
-    print(f"ours / HF LlamaForCausalLM (median tokens/s): {ratio:.2f}x")
+    print(f"ours / HF LlamaForCausalLM (median tokens/{unit}): {ratio:.2f}x")
     # Each round times both back to back, so its ratio cancels slow drifts of a shared machine's load.
     paired = sorted(o / h for o, h in zip(rates["ours"], rates["HF LlamaForCausalLM"]))
     print(

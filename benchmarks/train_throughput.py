@@ -193,6 +193,12 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="Skip the Hugging Face baseline.")
     parser.add_argument("--no-fp32", action="store_true", help="Skip our fp32 run.")
     parser.add_argument("--peak-tflops", type=float, default=None, help="Device bf16 peak, for MFU.")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="--arch llama on CPU: time both sides by the process's CPU time instead of the wall clock "
+        "(tokens per CPU second; steadier on a machine shared with other jobs).",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -200,7 +206,11 @@ def main() -> None:
         args.preset = args.preset or "llama-cpu-small"
         if args.preset not in LLAMA_PRESETS:
             parser.error(f"--arch llama takes a --preset of {sorted(LLAMA_PRESETS)}, got {args.preset}")
+        if args.cpu_time and args.device != "cpu":
+            parser.error("--cpu-time measures CPU runs only (--device cpu)")
         return llama_main(args)
+    if args.cpu_time:
+        parser.error("--cpu-time is implemented for --arch llama only")
     args.preset = args.preset or "cpu-small"
     if args.preset not in PRESETS:
         parser.error(f"--arch gpt takes a --preset of {sorted(PRESETS)}, got {args.preset}")
