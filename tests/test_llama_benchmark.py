@@ -3,6 +3,8 @@ preset have the same parameters (names aside), and both training steps run (timi
 
 from __future__ import annotations
 
+import time
+
 from benchmarks import llama_throughput
 
 TINY = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
@@ -20,3 +22,6 @@ def test_benchmark_models_have_the_same_shape_and_step(monkeypatch):
     monkeypatch.setitem(llama_throughput.LLAMA_PRESETS, "tiny", TINY)
     rates = llama_throughput.run("tiny", 256, "cpu", iters=1, warmup=1, repeats=2)
     assert set(rates) == {"ours", "HF LlamaForCausalLM"} and all(len(v) == 2 for v in rates.values())
+    # --cpu-time: the same rounds timed by the process's CPU time, for both sides.
+    rates = llama_throughput.run("tiny", 256, "cpu", iters=1, warmup=0, repeats=1, clock=time.process_time)
+    assert all(len(v) == 1 and v[0] > 0 for v in rates.values())
