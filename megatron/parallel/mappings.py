@@ -29,7 +29,9 @@ positions). With "concat_s" an all-gather and "scatter_s" a reduce-scatter along
 The all-gather replaces f before a column-parallel GEMM and the reduce-scatter replaces g after a
 row-parallel GEMM: a layer makes 2 all-gathers + 2 reduce-scatters in forward and, as their adjoints,
 2 reduce-scatters + 2 all-gathers in backward, and no all-reduce (an all-reduce is a reduce-scatter
-followed by an all-gather, so the traffic is the same).
+followed by an all-gather, so the traffic is the same). The column-parallel GEMMs do not keep their
+all-gathered input for the weight gradient: they fuse the all-gather with the GEMM and all-gather this
+rank's shard again in backward (megatron.parallel.layers), 2 more all-gathers per layer in backward.
 
 `group` None, or a group of size 1, makes every function the identity.
 
@@ -87,16 +89,28 @@ def _split_sequence(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
     return x.chunk(size, dim=SEQUENCE_DIM)[dist.get_rank(group)].contiguous()
 
 
-def _all_gather_sequence(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
-    """concat over the group's ranks, in rank order, along the sequence dimension (one all-gather)."""
+def start_all_gather_sequence(
+    x: Tensor, group: Optional[dist.ProcessGroup]
+) -> tuple[Tensor, Optional[dist.Work]]:
+    """Start concat over the group's ranks, in rank order, along the sequence dimension (one all-gather,
+    asynchronous): returns (the gathered tensor, valid once the work handle's wait() has returned; the
+    handle, None for a group of one, whose result is ready at once)."""
     size = group_size(group)
     local = x.transpose(0, SEQUENCE_DIM).contiguous()  # the sequence first: ranks' parts are contiguous
     whole = torch.empty((size * local.size(0), *local.shape[1:]), dtype=x.dtype, device=x.device)
-    all_gather_into(whole, local, group)
-    return whole.transpose(0, SEQUENCE_DIM)
+    work = all_gather_into(whole, local, group, async_op=True)
+    return whole.transpose(0, SEQUENCE_DIM), work
 
 
-def _reduce_scatter_sequence(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+def all_gather_sequence(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+    """concat over the group's ranks, in rank order, along the sequence dimension (one all-gather)."""
+    whole, work = start_all_gather_sequence(x, group)
+    if work is not None:
+        work.wait()
+    return whole
+
+
+def reduce_scatter_sequence(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
     """(sum over the group of x)[:, chunk r]: one reduce-scatter along the sequence dimension."""
     size = group_size(group)
     if x.size(SEQUENCE_DIM) % size != 0:
@@ -201,7 +215,7 @@ class _ScatterToSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _all_gather_sequence(grad, ctx.group), None
+        return all_gather_sequence(grad, ctx.group), None
 
 
 class _GatherFromSequence(torch.autograd.Function):
@@ -210,12 +224,12 @@ class _GatherFromSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group: Optional[dist.ProcessGroup], grad_is_partial: bool) -> Tensor:
         ctx.group, ctx.grad_is_partial = group, grad_is_partial
-        return _all_gather_sequence(x, group)
+        return all_gather_sequence(x, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         if ctx.grad_is_partial:
-            return _reduce_scatter_sequence(grad, ctx.group), None, None
+            return reduce_scatter_sequence(grad, ctx.group), None, None
         return _split_sequence(grad, ctx.group), None, None
 
 
@@ -225,11 +239,11 @@ class _ReduceScatterToSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
         ctx.group = group
-        return _reduce_scatter_sequence(x, group)
+        return reduce_scatter_sequence(x, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _all_gather_sequence(grad, ctx.group), None
+        return all_gather_sequence(grad, ctx.group), None
 
 
 def scatter_to_sequence_parallel_region(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
