@@ -167,11 +167,13 @@ def _run(rank: int, world_size: int, module_name: str, argv: list[str]) -> tuple
     return [*summary["losses"], summary["valid"]], norms
 
 
-def _randomised_whole(module_name: str, data_flags: list[str], tmp: Path) -> dict[str, torch.Tensor]:
+def _randomised_whole(
+    module_name: str, data_flags: list[str], tmp: Path, extra: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
     """The single-process model's weights after init, every parameter perturbed."""
     module = pretrain_gpt if module_name == "gpt" else pretrain_bert
     base = GPT_ARGS if module_name == "gpt" else BERT_ARGS
-    module.main([*base, *data_flags, "--train-iters", "1", "--lr", "0", "--min-lr", "0", "--lr-warmup-iters", "0",
+    module.main([*base, *extra, *data_flags, "--train-iters", "1", "--lr", "0", "--min-lr", "0", "--lr-warmup-iters", "0",
                  "--save", str(tmp / "init")])  # fmt: skip
     params, _ = _final_params(tmp / "init", {})
     gen = torch.Generator().manual_seed(3)
@@ -186,7 +188,7 @@ def _compare_with_single_process(
     `extra` flags go to every run; a grid with "zero" adds --use-distributed-optimizer, "sp"
     --sequence-parallel."""
     base = [*(GPT_ARGS if module_name == "gpt" else BERT_ARGS), "--log-params-norm", *extra]
-    whole = _randomised_whole(module_name, data_flags, tmp)
+    whole = _randomised_whole(module_name, data_flags, tmp, extra)
     _write_release(whole, {}, tmp / "start_1")
     reference, reference_norms = _run(
         0, 1, module_name, [*base, *data_flags, "--load", str(tmp / "start_1"), "--save", str(tmp / "ref")]
@@ -286,6 +288,16 @@ def test_pp2_dp2_distributed_optimizer_resumes_bitwise_and_at_dp1(wikitext, tmp_
 @pytest.mark.slow
 def test_bert_pp2_equals_single_process(tmp_path):
     _compare_with_single_process("bert", [], [{"pp": 2}], tmp_path)
+
+
+@pytest.mark.slow
+def test_bert_tp2_pp2_sequence_parallel_equals_single_process(tmp_path):
+    """BERT at TP 2 x PP 2 with --sequence-parallel: the stages send s/t of the sequence, the last stage
+    gathers it for the pooler and the heads (the pooler's first token and the LM head's positions), and
+    the binary head, pooler and LM head (split over the vocabulary) sit on the last stage only. The mock
+    vocabulary (121 tokens) is padded to a multiple of 8 so that TP 1 and TP 2 pad it alike (128)."""
+    vocab = ("--make-vocab-size-divisible-by", "8")
+    _compare_with_single_process("bert", [], [{"tp": 2, "pp": 2, "sp": True}], tmp_path, vocab)
 
 
 def _init_and_wrong_layout(rank: int, world_size: int, data_flags: list[str], tmp: str) -> tuple[list, str]:
