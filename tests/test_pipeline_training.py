@@ -290,7 +290,6 @@ def test_bert_pp2_equals_single_process(tmp_path):
     _compare_with_single_process("bert", [], [{"pp": 2}], tmp_path)
 
 
-@pytest.mark.slow
 def test_bert_tp2_pp2_sequence_parallel_equals_single_process(tmp_path):
     """BERT at TP 2 x PP 2 with --sequence-parallel: the stages send s/t of the sequence, the last stage
     gathers it for the pooler and the heads (the pooler's first token and the LM head's positions), and
