@@ -12,6 +12,7 @@ import torch
 import pretrain_bert
 from megatron.arguments import parse_args
 from megatron.model.config import TransformerConfig
+from megatron.model.language_model import parallel_lm_logits
 from megatron.model.transformer import ParallelTransformerLayer
 from megatron.parallel.layers import ColumnParallelLinear
 from megatron.parallel.mappings import (
@@ -206,10 +207,22 @@ def _check_column_parallel_regather(rank: int, parallel) -> None:
         if bias:
             torch.testing.assert_close(new[3], upstream[rank].sum((0, 1)), **rtol)
 
+    # The output layer (tied logits) goes through the same function: s/2 positions kept, the same logits.
+    def logits(hidden):
+        return parallel_lm_logits(
+            hidden, layer.weight, parallel, parallel_output=True, sequence_parallel=True
+        )
 
-def _with_saved_activations(module: torch.nn.Module, x: torch.Tensor) -> tuple:
-    """(module(x), the tensors autograd saved for backward that are not module's parameters)."""
+    logits_out, saved = _with_saved_activations(layer, x, logits)
+    assert [t.untyped_storage().data_ptr() for t in saved] == [x.untyped_storage().data_ptr()]
+    assert torch.equal(logits_out, layer(x)[0])
+
+
+def _with_saved_activations(module: torch.nn.Module, x: torch.Tensor, forward=None) -> tuple:
+    """(forward(x) (default module(x)), the tensors autograd saved for backward that are not module's
+    parameters)."""
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    forward = module if forward is None else forward
     saved = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -218,7 +231,7 @@ def _with_saved_activations(module: torch.nn.Module, x: torch.Tensor) -> tuple:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        return module(x), saved
+        return forward(x), saved
 
 
 def _rank_weight(shape, tp_rank: int) -> torch.Tensor:

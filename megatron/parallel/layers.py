@@ -145,6 +145,16 @@ class _GatherSequenceLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None
 
 
+def linear_with_sequence_gather(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], group: Optional[dist.ProcessGroup]
+) -> Tensor:
+    """concat_s(X_r) W^T + b for this rank's positions X_r [batch, s/p, in], keeping only X_r for backward
+    (_GatherSequenceLinear); a group of one is F.linear."""
+    if group is None or dist.get_world_size(group) == 1:
+        return F.linear(x, weight, bias)
+    return _GatherSequenceLinear.apply(x, weight, bias, group)
+
+
 class ColumnParallelLinear(nn.Module):
     """Y = X A + b with A split by columns: this rank computes Y_r = X A_r + b_r (see module docstring).
 
@@ -192,7 +202,7 @@ class ColumnParallelLinear(nn.Module):
         rank's positions) -> (Y_r [..., out/p] or Y [..., out], bias or None), over the whole sequence."""
         add_bias = self.bias if not self.skip_bias_add else None
         if self.sequence_parallel:
-            y = _GatherSequenceLinear.apply(x, self.weight, add_bias, self.parallel.tp_group)
+            y = linear_with_sequence_gather(x, self.weight, add_bias, self.parallel.tp_group)
         else:
             x = copy_to_tensor_model_parallel_region(x, self.parallel.tp_group)
             y = F.linear(x, self.weight, add_bias)
