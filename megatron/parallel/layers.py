@@ -44,12 +44,13 @@ from megatron.parallel.cross_entropy import vocab_range_from_global_vocab_size
 from megatron.parallel.mappings import (
     all_gather_sequence,
     copy_to_tensor_model_parallel_region,
+    finish,
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
-    reduce_scatter_sequence,
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
     start_all_gather_sequence,
+    start_reduce_scatter_sequence,
 )
 from megatron.parallel.state import ParallelState
 
@@ -112,7 +113,8 @@ class _GatherSequenceLinear(torch.autograd.Function):
                                                                    its columns: one reduce-scatter)
 
     So a column-parallel GEMM keeps s/p positions of its input instead of s (the paper's 2sbh/t per
-    GEMM input), for one more all-gather in backward; that all-gather runs while G W is computed. The
+    GEMM input), for one more all-gather in backward. As in Megatron-LM the collectives overlap the
+    GEMMs: the re-gather runs while G W is computed, the reduce-scatter of G W while G^T X is. The
     forward and the three gradients are computed as autograd computes them for F.linear on the gathered
     input (one [batch s, in] matrix), so the results are bitwise those of gather-then-F.linear.
     """
@@ -129,19 +131,19 @@ class _GatherSequenceLinear(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], None]:
         x, weight = ctx.saved_tensors
         need_x, need_weight, need_bias, _ = ctx.needs_input_grad
-        if need_weight:  # the re-gather, overlapped with the input-gradient GEMM below
-            whole, work = start_all_gather_sequence(x, ctx.group)
+        gathering = start_all_gather_sequence(x, ctx.group) if need_weight else None
         grad_2d = grad.reshape(-1, grad.size(-1))
-        grad_x = grad_weight = grad_bias = None
-        if need_x:
+        grad_x = grad_weight = grad_bias = scattering = None
+        if need_x:  # while the re-gather runs
             grad_input = grad_2d.mm(weight).view(*grad.shape[:-1], weight.size(1))
-            grad_x = reduce_scatter_sequence(grad_input, ctx.group)
-        if need_weight:
-            if work is not None:
-                work.wait()
+            scattering = start_reduce_scatter_sequence(grad_input, ctx.group)
+        if gathering is not None:  # while dL/dX is reduce-scattered
+            whole = finish(gathering)
             grad_weight = grad_2d.t().mm(whole.reshape(-1, whole.size(-1)))
         if need_bias and ctx.has_bias:
             grad_bias = grad_2d.sum(0)
+        if scattering is not None:
+            grad_x = finish(scattering)
         return grad_x, grad_weight, grad_bias, None
 
 

@@ -43,7 +43,7 @@ torch.distributed (tests/collectives.py), so nothing here is instrumented.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -89,29 +89,38 @@ def _split_sequence(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
     return x.chunk(size, dim=SEQUENCE_DIM)[dist.get_rank(group)].contiguous()
 
 
-def start_all_gather_sequence(
-    x: Tensor, group: Optional[dist.ProcessGroup]
-) -> tuple[Tensor, Optional[dist.Work]]:
-    """Start concat over the group's ranks, in rank order, along the sequence dimension (one all-gather,
-    asynchronous): returns (the gathered tensor, valid once the work handle's wait() has returned; the
-    handle, None for a group of one, whose result is ready at once)."""
+class Pending(NamedTuple):
+    """A started asynchronous collective: `result` is valid once `work.wait()` has returned (work None: a
+    group of one, ready at once); `source`, the buffer being sent, is kept alive until then."""
+
+    result: Tensor
+    work: Optional[dist.Work]
+    source: Tensor
+
+
+def finish(pending: Pending) -> Tensor:
+    """The result of a started collective, after waiting for it."""
+    if pending.work is not None:
+        pending.work.wait()
+    return pending.result
+
+
+def start_all_gather_sequence(x: Tensor, group: Optional[dist.ProcessGroup]) -> Pending:
+    """Start concat over the group's ranks, in rank order, along the sequence dimension (one all-gather)."""
     size = group_size(group)
     local = x.transpose(0, SEQUENCE_DIM).contiguous()  # the sequence first: ranks' parts are contiguous
     whole = torch.empty((size * local.size(0), *local.shape[1:]), dtype=x.dtype, device=x.device)
     work = all_gather_into(whole, local, group, async_op=True)
-    return whole.transpose(0, SEQUENCE_DIM), work
+    return Pending(whole.transpose(0, SEQUENCE_DIM), work, local)
 
 
 def all_gather_sequence(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
     """concat over the group's ranks, in rank order, along the sequence dimension (one all-gather)."""
-    whole, work = start_all_gather_sequence(x, group)
-    if work is not None:
-        work.wait()
-    return whole
+    return finish(start_all_gather_sequence(x, group))
 
 
-def reduce_scatter_sequence(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
-    """(sum over the group of x)[:, chunk r]: one reduce-scatter along the sequence dimension."""
+def start_reduce_scatter_sequence(x: Tensor, group: Optional[dist.ProcessGroup]) -> Pending:
+    """Start (sum over the group of x)[:, chunk r]: one reduce-scatter along the sequence dimension."""
     size = group_size(group)
     if x.size(SEQUENCE_DIM) % size != 0:
         raise ValueError(
@@ -119,8 +128,13 @@ def reduce_scatter_sequence(x: Tensor, group: Optional[dist.ProcessGroup]) -> Te
         )
     whole = x.transpose(0, SEQUENCE_DIM).contiguous()
     local = torch.empty((whole.size(0) // size, *whole.shape[1:]), dtype=x.dtype, device=x.device)
-    reduce_scatter_into(local, whole, group)
-    return local.transpose(0, SEQUENCE_DIM)
+    work = reduce_scatter_into(local, whole, group, async_op=True)
+    return Pending(local.transpose(0, SEQUENCE_DIM), work, whole)
+
+
+def reduce_scatter_sequence(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+    """(sum over the group of x)[:, chunk r]: one reduce-scatter along the sequence dimension."""
+    return finish(start_reduce_scatter_sequence(x, group))
 
 
 class _CopyToRegion(torch.autograd.Function):
