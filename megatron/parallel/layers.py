@@ -16,10 +16,10 @@ weight is stored transposed, W = A^T with shape [out, in]. Over a TP group of p 
 With sequence_parallel (Megatron's --sequence-parallel; input and output [batch, seq, ...] split over
 the sequence outside the TP regions), ColumnParallelLinear takes this rank's s/p positions and all-gathers
 the sequence instead of f (backward: reduce-scatter of dX), keeping only its s/p positions for the weight
-gradient and all-gathering them again in backward (_GatherSequenceLinear), and RowParallelLinear reduce-scatters its
-output over the sequence instead of g (backward: all-gather), adding its duplicated bias to the s/p
-positions it keeps; the bias gradient is then a partial sum over positions, which the caller all-reduces
-over the TP group (megatron.distributed, parameters marked `sequence_parallel`).
+gradient and all-gathering them again in backward (_GatherSequenceLinear); RowParallelLinear
+reduce-scatters its output over the sequence instead of g (backward: all-gather), adding its duplicated
+bias to the s/p positions it keeps; the bias gradient is then a partial sum over positions, which the
+caller all-reduces over the TP group (megatron.distributed, parameters marked `sequence_parallel`).
 
 Initialisation does not depend on p (Megatron's --use-cpu-initialization): each layer draws the FULL
 master weight with torch.nn.init.normal_(master, 0, init_std) from the default torch generator and keeps
