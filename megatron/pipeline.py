@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import inspect
 from collections.abc import Iterator
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -61,11 +61,14 @@ def schedule_config(
     parallel: ParallelState,
     num_microbatches: int,
     forward_only: bool,
+    micro_batch_sequences: Optional[int] = None,
     **hooks: Callable,
 ) -> ScheduleConfig:
     """Sizes of one global batch. Under pipelining the activations passed between stages are [micro batch,
     sequence, hidden] in the parameter dtype (fp32 with --fp32-residual-connection); with
-    --sequence-parallel each TP rank sends and receives its s/t positions, [micro batch, sequence / t, hidden]."""
+    --sequence-parallel each TP rank sends and receives its s/t positions, [micro batch, sequence / t, hidden].
+    The micro batch is --micro-batch-size sequences unless `micro_batch_sequences` says otherwise (a
+    multiple-choice sample is one sequence per choice; an evaluation batch may be shorter)."""
     if parallel.pp_size == 1:
         return ScheduleConfig(num_microbatches, forward_only=forward_only, **hooks)
     dtype = torch.float32 if args.fp32_residual_connection else args.params_dtype
@@ -75,7 +78,7 @@ def schedule_config(
         else torch.device("cpu")
     )
     seq = args.seq_length // parallel.tp_size if args.sequence_parallel else args.seq_length
-    shape = (args.micro_batch_size, seq, args.hidden_size)
+    shape = (micro_batch_sequences or args.micro_batch_size, seq, args.hidden_size)
     return ScheduleConfig(num_microbatches, shape, dtype, forward_only, device=device, **hooks)
 
 
@@ -87,14 +90,15 @@ def forward_backward(
     args: argparse.Namespace,
     parallel: ParallelState,
     scale_loss: Callable,
+    micro_batch_sequences: Optional[int] = None,
 ) -> LoggedStats:
     """Forward and backward of one global batch through the schedule, then the data-parallel gradient
     reduction and the tied-embedding all-reduce (both in finish_grad_sync): main_grad is ready for the optimizer. `model` is the
-    DistributedDataParallel wrapper. Returns the logged values of each microbatch (last stage only)."""
+    DistributedDataParallel wrapper. Returns the logged values of each microbatch (last stage only).
+    `micro_batch_sequences`: see `schedule_config`."""
     chunks = model_chunks(model.module)
-    config = schedule_config(
-        args, parallel, num_microbatches, False, scale_loss=scale_loss, no_sync=model.no_sync
-    )
+    hooks = {"scale_loss": scale_loss, "no_sync": model.no_sync}
+    config = schedule_config(args, parallel, num_microbatches, False, micro_batch_sequences, **hooks)
     schedule = get_forward_backward_func(parallel, len(chunks))
     stats = schedule(
         lambda it, m: forward_step(it, m, args, parallel), data_iterator, chunks, config, parallel
@@ -110,11 +114,13 @@ def forward_only(
     num_microbatches: int,
     args: argparse.Namespace,
     parallel: ParallelState,
+    micro_batch_sequences: Optional[int] = None,
 ) -> LoggedStats:
-    """Forward of one global batch through the schedule (evaluation); logged values on the last stage."""
+    """Forward of one global batch through the schedule (evaluation); logged values on the last stage.
+    `micro_batch_sequences`: see `schedule_config`."""
     module = model.module if hasattr(model, "module") else model
     chunks = model_chunks(module)
-    config = schedule_config(args, parallel, num_microbatches, True)
+    config = schedule_config(args, parallel, num_microbatches, True, micro_batch_sequences)
     schedule = get_forward_backward_func(parallel, len(chunks))
     return schedule(
         lambda it, m: forward_step(it, m, args, parallel), data_iterator, chunks, config, parallel

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron.arguments import ExtraArgsProvider, parse_args
-from megatron.arguments_llama import flops_shape
+from megatron.arguments.llama import flops_shape
 from megatron.checkpointing import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from megatron.data.samplers import build_data_loader
 from megatron.distributed import DistributedDataParallel
@@ -97,11 +97,15 @@ def optimizer_config_from_args(args: argparse.Namespace) -> OptimizerConfig:
     )
 
 
-def build_scheduler(optimizer: MegatronOptimizer, args: argparse.Namespace) -> OptimizerParamScheduler:
-    """Megatron counts scheduler steps in samples: iterations are converted with the global batch size."""
-    if args.train_iters is not None:
-        decay_steps = (args.lr_decay_iters or args.train_iters) * args.global_batch_size
-        wd_incr_steps = args.train_iters * args.global_batch_size
+def build_scheduler(
+    optimizer: MegatronOptimizer, args: argparse.Namespace, train_iters: Optional[int] = None
+) -> OptimizerParamScheduler:
+    """Megatron counts scheduler steps in samples: iterations are converted with the global batch size.
+    `train_iters`: the run's length when the caller derives it (fine-tuning: --epochs), else --train-iters."""
+    train_iters = args.train_iters if train_iters is None else train_iters
+    if train_iters is not None:
+        decay_steps = (args.lr_decay_iters or train_iters) * args.global_batch_size
+        wd_incr_steps = train_iters * args.global_batch_size
         warmup_steps = args.lr_warmup_iters * args.global_batch_size
     else:
         decay_steps = args.lr_decay_samples or args.train_samples or 1
@@ -181,8 +185,10 @@ def train_step(
     args: argparse.Namespace,
     parallel: ParallelState,
     timers: Optional[StepTimers] = None,
+    micro_batch_sequences: Optional[int] = None,
 ) -> tuple[dict[str, float], bool, Optional[float], float]:
     """Forward/backward over all microbatches, gradient sync, optimizer step (phases timed by `timers`).
+    `micro_batch_sequences`: the sequences of one microbatch when not --micro-batch-size (RACE: x 4).
 
     Returns (losses averaged over microbatches and DP ranks, update_successful, grad norm, num zeros in
     grad (0 unless --log-num-zeros-in-grad)).
@@ -190,8 +196,9 @@ def train_step(
     optimizer.zero_grad()
     with timers.phase("forward-backward") if timers else nullcontext():
         stats = forward_backward(
-            forward_step, data_iterator, model, num_microbatches, args, parallel, optimizer.scale_loss
-        )
+            forward_step, data_iterator, model, num_microbatches, args, parallel, optimizer.scale_loss,
+            micro_batch_sequences,
+        )  # fmt: skip
     with timers.phase("optimizer") if timers else nullcontext():
         update_successful, grad_norm, num_zeros = optimizer.step()
     losses = broadcast_from_last_stage(_average_over_dp(stats, parallel), parallel)
@@ -241,10 +248,15 @@ def evaluate_and_print(
 
 
 def setup_model_and_optimizer(
-    model_provider: ModelProvider, args: argparse.Namespace, parallel: ParallelState, run: RunState
+    model_provider: ModelProvider,
+    args: argparse.Namespace,
+    parallel: ParallelState,
+    run: RunState,
+    train_iters: Optional[int] = None,
 ) -> tuple[DistributedDataParallel, MegatronOptimizer, OptimizerParamScheduler]:
     """Build the model in fp32 (TP-independent initialisation), cast it to the training dtype, wrap it
-    for data parallelism, and build the optimizer and its learning-rate scheduler."""
+    for data parallelism, and build the optimizer and its learning-rate scheduler (`train_iters`: see
+    `build_scheduler`)."""
     model = build_model(model_provider, args, parallel, run)
     if args.params_dtype != torch.float32:
         model = model.to(dtype=args.params_dtype)
@@ -259,7 +271,7 @@ def setup_model_and_optimizer(
         overlap_param_gather=args.overlap_param_gather,
     )
     optimizer = build_optimizer(model, optimizer_config_from_args(args), parallel)
-    scheduler = build_scheduler(optimizer, args)
+    scheduler = build_scheduler(optimizer, args, train_iters)
     return model, optimizer, scheduler
 
 
@@ -410,13 +422,15 @@ def train_iteration(
     run: RunState,
     logger: IntervalLogger,
     flops: float,
+    micro_batch_sequences: Optional[int] = None,
 ) -> dict[str, float]:
     """One iteration of a training loop (pretraining or fine-tuning): train_step, the counters in `run`,
     the learning-rate schedule, the log line; stops the run after --max-nan-iterations bad iterations."""
     num_micro = global_batch // (args.micro_batch_size * parallel.dp_size)
     losses, update_successful, grad_norm, num_zeros = train_step(
-        forward_step, data_iterator, model, optimizer, num_micro, args, parallel, logger.timers
-    )
+        forward_step, data_iterator, model, optimizer, num_micro, args, parallel, logger.timers,
+        micro_batch_sequences,
+    )  # fmt: skip
     run.iteration += 1
     run.consumed_train_samples += global_batch
     if update_successful:

@@ -28,7 +28,8 @@ def sum_over_dataset(
 
     Each data-parallel rank takes its contiguous share of the items (`shard_range`; nothing is dropped or
     repeated), in batches of `batch_size`; the per-rank sums (in float64) are all-reduced over the DP
-    group, so every rank returns the same total. Tensor-parallel ranks of one model take the same share.
+    group, so every rank of a DP group returns the same total. Tensor-parallel ranks and pipeline stages of
+    one model take the same share (under pipelining `batch_fn` returns 0 where it is not the last stage).
     """
     total = torch.zeros((), dtype=torch.float64)
     indices = shard_range(len(dataset), parallel.dp_rank, parallel.dp_size)  # type: ignore[arg-type]

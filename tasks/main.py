@@ -1,7 +1,8 @@
 """Downstream tasks with Megatron-LM's flags: zero-shot GPT evaluation and BERT fine-tuning.
 
     python tasks/main.py --task TASK [task flags] [model, tokenizer and training flags of pretraining]
-    torchrun --nproc_per_node N tasks/main.py --task TASK --tensor-model-parallel-size T ...
+    torchrun --nproc_per_node N tasks/main.py --task TASK --tensor-model-parallel-size T \
+        --pipeline-model-parallel-size P ...
 
 --task          data (--valid-data / --train-data)                  what it does
 WIKITEXT103     one WikiText .tokens/.txt file                      perplexity of the GPT model in --load
@@ -15,6 +16,8 @@ stride, default 32), --strict-lambada, --eval-micro-batch-size B (default --micr
 --load is the model to evaluate (zero-shot) or a fine-tuning run to resume; --use-checkpoint-args takes
 the model and tokenizer flags from it. Fine-tuning length comes from --epochs, so --train-iters and
 --train-samples are not given. The work is done in tasks/zeroshot_gpt, tasks/race, tasks/glue.
+Any tensor x pipeline x data grid runs; fine-tuning goes through the pipeline schedules (not the
+interleaved one, which Megatron-LM's tasks refuse too), and its checkpoints must have the run's TP x PP.
 
 A user error (a flag, a missing or malformed file, a checkpoint that does not fit) is reported in one
 line naming the flag, file or line, with a non-zero exit status and no traceback.
@@ -33,6 +36,7 @@ if __package__ in (None, ""):  # run as a script (python tasks/main.py): make th
 from megatron.arguments import build_parser, parse_args  # noqa: E402
 from megatron.checkpointing import CheckpointError  # noqa: E402
 from megatron.initialize import initialize_megatron  # noqa: E402
+from megatron.parallel.pipeline_layout import virtual_pipeline_size  # noqa: E402
 from megatron.tokenizer import (  # noqa: E402
     AbstractTokenizer,
     TokenizerConfigError,
@@ -88,11 +92,12 @@ def check_task_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         for path in getattr(args, flag) or []:
             if not os.path.exists(path):
                 fail(f"--{flag.replace('_', '-')}: no such file or directory: {path}")
-    if args.pipeline_model_parallel_size > 1 and task not in ZERO_SHOT_TASKS:
+    if virtual_pipeline_size(args) > 1 and task not in ZERO_SHOT_TASKS:
         fail(
-            f"--task {task} (fine-tuning) runs with --pipeline-model-parallel-size 1 (its classification models "
-            "are not split into stages yet): convert the checkpoint with tools/checkpoint/reshard.py "
-            "--target-pipeline-model-parallel-size 1"
+            f"--task {task} (fine-tuning) does not run the interleaved schedule, as in Megatron-LM (each "
+            "evaluation batch is one micro batch, and interleaving needs a multiple of "
+            "--pipeline-model-parallel-size): drop --virtual-pipeline-model-parallel-size / "
+            "--num-layers-per-virtual-pipeline-stage"
         )
     if task in ZERO_SHOT_TASKS:
         for flag in ("train_data", "epochs", "pretrained_checkpoint"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron.arguments import parse_args, transformer_config_from_args
-from megatron.compat_args import UNSUPPORTED
+from megatron.arguments.compat import UNSUPPORTED
 from megatron.microbatches import MicroBatchCalculator
 
 ROOT = Path(__file__).resolve().parents[1]

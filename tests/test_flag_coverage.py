@@ -1,12 +1,12 @@
 """Every flag the parser accepts either changes behaviour that a named test exercises, or is on a
-documented list of flags that only choose an implementation (megatron/compat_args.py), are refused with
+documented list of flags that only choose an implementation (megatron/arguments/compat.py), are refused with
 the reason, or are set by the launcher. A flag that is on no list fails this test, with the place to
 register it; so does a registry entry whose test or flag no longer exists.
 
 To register a new flag: add `"--my-flag": "tests/test_x.py::test_that_exercises_it"` to FLAG_TESTS below
 (the test must exist and its file must mention the flag or its attribute name); or, if the flag has no
 effect on results in this project, add it with the reason to NO_EFFECT / NO_EFFECT_VALUE in
-megatron/compat_args.py; or, if it cannot be honoured, to UNSUPPORTED there (it is then refused).
+megatron/arguments/compat.py; or, if it cannot be honoured, to UNSUPPORTED there (it is then refused).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import ast
 import re
 from pathlib import Path
 
-from megatron import compat_args
 from megatron.arguments import build_parser
+from megatron.arguments import compat as compat_args
 from tasks.main import add_task_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ HERE = "tests/test_flag_coverage.py"
 
 # Set by the launcher, not by the user: the local rank is read from LOCAL_RANK (torchrun and
 # torch.distributed.launch set it) or SLURM_LOCALID; the flag is accepted because the launcher passes it.
-LAUNCHER_FLAGS = {"--local-rank": "megatron/arguments.py launcher_ranks() reads LOCAL_RANK / SLURM_LOCALID"}
+LAUNCHER_FLAGS = {"--local-rank": "megatron/arguments/ launcher_ranks() reads LOCAL_RANK / SLURM_LOCALID"}
 
 # flag -> "tests/<file>.py::<test function>" that exercises what the flag changes.
 FLAG_TESTS = {
@@ -184,7 +184,7 @@ def test_every_accepted_flag_is_covered_by_a_test_or_documented():
         f"flags accepted by the parser but neither exercised by a registered test nor documented: {missing}. "
         f"Register each in FLAG_TESTS in {HERE} (flag -> 'tests/test_x.py::test_name' of a test that exercises "
         "it), or, for a flag with no effect on results, add it with the reason to NO_EFFECT / NO_EFFECT_VALUE "
-        "in megatron/compat_args.py (UNSUPPORTED there if it must be refused)."
+        "in megatron/arguments/compat.py (UNSUPPORTED there if it must be refused)."
     )
 
 

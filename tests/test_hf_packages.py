@@ -25,7 +25,11 @@ runpy.run_path(script, run_name="__main__")
 
 @pytest.mark.parametrize(
     "script, blocked",
-    [("export_hf.py", "transformers"), ("import_hf_gpt2.py", "safetensors,safetensors.torch")],
+    [
+        ("export_hf.py", "transformers"),
+        ("import_hf_gpt2.py", "safetensors,safetensors.torch"),
+        ("import_hf_llama.py", "transformers"),
+    ],
 )
 def test_missing_hf_package_says_what_to_install(script, blocked):
     path = str(ROOT / "tools" / "checkpoint" / script)

@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks.model_flops import main
 from megatron.arguments import parse_args
-from megatron.arguments_llama import flops_shape
+from megatron.arguments.llama import flops_shape
 from megatron.model.utils import hardware_flops, model_flops
 
 

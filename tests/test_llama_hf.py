@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM
 
 from megatron.arguments import transformer_config_from_args
+from megatron.checkpoint_format import from_megatron_state_dict
 from megatron.model import GPTModel
 from megatron.parallel.state import single_process_state
 from tools.checkpoint import export_hf, import_hf_llama, reshard
@@ -122,6 +123,76 @@ def test_tp2_import_reshards_to_the_tp1_import_bitwise(tmp_path):
     assert all(torch.equal(back[n][: t.size(0)], t) for n, t in original.items())
 
 
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_tp2_pp2_import_reshards_to_hf_logits_and_exports_bitwise(tmp_path, tie):
+    """HF -> import at TP 2 x PP 2 -> reshard.py to TP 1 x PP 1 -> export_hf.py: HF's logits (1e-5), and the
+    resharded weights equal a TP 1 import bitwise; the TP 2 x PP 2 import exports directly to the original
+    weights, bitwise. The stages hold what Megatron's do: the embedding on stage 0, global layer 1 as
+    stage 1's layers.0, the final norm and output layer (or the tied copy) on stage 1."""
+    hf = random_llama(tie=tie)
+    hf.save_pretrained(tmp_path / "hf")
+    for name, layout in (("tp1", ["1", "1"]), ("tp2pp2", ["2", "2"])):
+        import_hf_llama.main(["--hf-dir", str(tmp_path / "hf"), "--save", str(tmp_path / name),
+                              "--tensor-model-parallel-size", layout[0], "--pipeline-model-parallel-size", layout[1]])  # fmt: skip
+    release = tmp_path / "tp2pp2" / "release"
+    assert sorted(p.name for p in release.iterdir()) == [
+        "mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"
+    ]  # fmt: skip
+    whole = load_checkpoint_shards(str(tmp_path / "tp1")).model_shards()[0]  # vocabulary padded to 128
+    files = {d.name: torch.load(d / "model_optim_rng.pt", weights_only=False) for d in release.iterdir()}
+    stage = {name: from_megatron_state_dict(state["model"]) for name, state in files.items()}
+    assert all(
+        (state["args"].tensor_model_parallel_size, state["args"].pipeline_model_parallel_size) == (2, 2)
+        for state in files.values()
+    )
+    word = "language_model.embedding.word_embeddings.weight"
+    head = "word_embeddings_for_head.weight" if tie else "language_model.output_layer.weight"
+    for tp_rank in (0, 1):
+        first, last = stage[f"mp_rank_0{tp_rank}_000"], stage[f"mp_rank_0{tp_rank}_001"]
+        assert word in first and head not in first and "language_model.encoder.final_layernorm.weight" in last
+        assert not any(
+            k.startswith(("language_model.embedding.", "language_model.encoder.layers.1.")) for k in last
+        )
+        # global layer 1 is stage 1's layers.0: this rank's query group, and its halves of gate and up
+        qkv = "language_model.encoder.layers.{}.self_attention.query_key_value.weight"
+        assert torch.equal(last[qkv.format(0)], whole[qkv.format(1)].chunk(2)[tp_rank])
+        h_to_4h = whole["language_model.encoder.layers.1.mlp.dense_h_to_4h.weight"]
+        gate_up = torch.cat(
+            [h_to_4h[24 * tp_rank : 24 * (tp_rank + 1)], h_to_4h[48 + 24 * tp_rank : 48 + 24 * (tp_rank + 1)]]
+        )
+        assert torch.equal(last["language_model.encoder.layers.0.mlp.dense_h_to_4h.weight"], gate_up)
+        # 100 tokens pad to 256 at TP 2: rank 0 holds rows 0..127 (the TP 1 import's), rank 1 padding only
+        rows = whole[word if tie else head]
+        assert torch.equal(last[head], rows if tp_rank == 0 else torch.zeros_like(rows))
+        if tie:
+            assert torch.equal(last[head], first[word])  # the tied copy equals the first stage's
+
+    reshard.main(["--load", str(tmp_path / "tp2pp2"), "--save", str(tmp_path / "tp1pp1"),
+                  "--target-tensor-model-parallel-size", "1", "--target-pipeline-model-parallel-size", "1",
+                  "--true-vocab-size", str(VOCAB)])  # fmt: skip
+    resharded = load_checkpoint_shards(str(tmp_path / "tp1pp1"))
+    assert resharded.pp_size == 1 and resharded.tp_size == 1
+    back = resharded.model_shards()[0]
+    assert set(back) == set(whole) and all(torch.equal(back[n], whole[n]) for n in whole)
+    ids = tokens()
+    expected = hf_logits(hf, ids)
+    logits = our_logits(our_model(tmp_path / "tp1pp1"), ids)
+    assert_close(logits[..., :VOCAB], expected, "resharded model vs HF")
+    export_hf.main(["--load", str(tmp_path / "tp1pp1"), "--output", str(tmp_path / "hf_resharded")])
+    exported = LlamaForCausalLM.from_pretrained(tmp_path / "hf_resharded").eval()
+    assert_close(hf_logits(exported, ids)[..., :VOCAB], expected, "exported after reshard vs HF")
+
+    export_hf.main(["--load", str(tmp_path / "tp2pp2"), "--output", str(tmp_path / "hf_from_tp2pp2")])
+    original = load_file(tmp_path / "hf" / "model.safetensors")
+    direct = load_file(tmp_path / "hf_from_tp2pp2" / "model.safetensors")
+    assert set(direct) == set(original)
+    for name, tensor in original.items():  # bitwise, the padding rows aside (zero)
+        assert torch.equal(direct[name][: tensor.size(0)], tensor), name
+        assert not direct[name][tensor.size(0) :].any(), name
+    assert_close(hf_logits(LlamaForCausalLM.from_pretrained(tmp_path / "hf_from_tp2pp2").eval(), ids)[..., :VOCAB],
+                 expected, "exported from TP 2 x PP 2 vs HF")  # fmt: skip
+
+
 def test_non_llama_folder_is_refused(tmp_path, capsys):
     GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(SystemExit) as exc:
@@ -131,6 +202,11 @@ def test_non_llama_folder_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         import_hf_llama.main(["--hf-dir", str(tmp_path / "missing"), "--save", str(tmp_path / "out")])
     assert "no such directory" in str(exc.value)
+    random_llama().save_pretrained(tmp_path / "hf")
+    with pytest.raises(SystemExit) as exc:  # 2 layers cannot be cut into 3 stages
+        import_hf_llama.main(["--hf-dir", str(tmp_path / "hf"), "--save", str(tmp_path / "out"),
+                              "--pipeline-model-parallel-size", "3"])  # fmt: skip
+    assert "--pipeline-model-parallel-size 3" in str(exc.value) and not (tmp_path / "out").exists()
 
 
 def test_unexportable_and_unreshardable_llama_checkpoints_are_refused(tmp_path):

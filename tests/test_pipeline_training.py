@@ -76,23 +76,49 @@ def _layouts(grid: dict):
     return stage_layouts(LAYERS, grid.get("pp", 1), grid.get("vp", 1), grid.get("first"), grid.get("last"))
 
 
-def _write_release(whole: dict, grid: dict, out: Path) -> None:
+def _is_swiglu_fused(key: str, swiglu: bool) -> bool:
+    return swiglu and key.endswith("mlp.dense_h_to_4h.weight")
+
+
+def _tp_shard(full: torch.Tensor, key: str, tp: int, tp_rank: int, swiglu: bool) -> torch.Tensor:
+    """TP rank `tp_rank`'s part of a whole tensor: its chunk along the split dimension, or with SwiGLU's
+    fused [gate; up] projection (Megatron's layout) [its gate chunk; its up chunk]."""
+    dim = tensor_parallel_dim(key)
+    if _is_swiglu_fused(key, swiglu):
+        return torch.cat([half.chunk(tp)[tp_rank] for half in full.chunk(2)]).clone()
+    return full if dim is None else torch.chunk(full, tp, dim=dim)[tp_rank].clone()
+
+
+def _tp_merge(parts: list[torch.Tensor], key: str, swiglu: bool) -> torch.Tensor:
+    """The inverse of _tp_shard (duplicated tensors: rank 0's copy, the others must equal it)."""
+    dim = tensor_parallel_dim(key)
+    if _is_swiglu_fused(key, swiglu):
+        halves = [part.chunk(2) for part in parts]
+        return torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])])
+    if dim is not None:
+        return torch.cat(parts, dim=dim)
+    for part in parts[1:]:
+        assert torch.equal(part, parts[0]), key  # TP duplicates stay identical
+    return parts[0]
+
+
+def _write_release(whole: dict, grid: dict, out: Path, swiglu: bool = False) -> None:
     """The whole model's state split into the grid's shards as a 'release' checkpoint (weights only)."""
     tp = grid.get("tp", 1)
     pp = grid.get("pp", 1)
+    untied = "language_model.output_layer.weight" in whole
     for pp_rank, chunks in enumerate(_layouts(grid)):
         for tp_rank in range(tp):
             models = {}
             for index, stage in enumerate(chunks):
                 names = {_local(k, stage): k for k in whole if _held(k, stage)}
-                if stage.post_process and not stage.pre_process:
+                if stage.post_process and not stage.pre_process and not untied:
                     names["word_embeddings_for_head.weight"] = (
                         "language_model.embedding.word_embeddings.weight"
                     )
                 flat = {}
                 for local, key in names.items():
-                    full, dim = whole[key], tensor_parallel_dim(key)
-                    flat[local] = full if dim is None else torch.chunk(full, tp, dim=dim)[tp_rank].clone()
+                    flat[local] = _tp_shard(whole[key], key, tp, tp_rank, swiglu)
                     assert global_key(local, stage) == key  # the code's mapping agrees with ours
                 models["model" if len(chunks) == 1 else f"model{index}"] = to_megatron_state_dict(flat)
             path = get_checkpoint_name(str(out), 0, tp_rank, pp_rank if pp > 1 else None, release=True)
@@ -119,7 +145,9 @@ def _held(key: str, stage) -> bool:
     return stage.post_process  # final layernorm, pooler, BERT heads
 
 
-def _final_params(save_dir: Path, grid: dict) -> tuple[dict[str, torch.Tensor], list[tuple]]:
+def _final_params(
+    save_dir: Path, grid: dict, swiglu: bool = False
+) -> tuple[dict[str, torch.Tensor], list[tuple]]:
     """Every parameter of the final checkpoint under its whole-model key (TP shards merged), and the pairs
     (first stage's word embedding shard, last stage's word_embeddings_for_head shard)."""
     tp = grid.get("tp", 1)
@@ -140,14 +168,8 @@ def _final_params(save_dir: Path, grid: dict) -> tuple[dict[str, torch.Tensor], 
                     if key == "language_model.embedding.word_embeddings.weight" and pp > 1:
                         tied.setdefault(tp_rank, []).insert(0, value)
                     shards.setdefault(global_key(key, stage), [None] * tp)[tp_rank] = value
-    merged = {}
-    for key, parts in shards.items():
-        dim = tensor_parallel_dim(key)
-        merged[key] = parts[0] if dim is None else torch.cat(parts, dim=dim)
-        if dim is None:
-            for part in parts[1:]:
-                assert torch.equal(part, parts[0]), key  # TP duplicates stay identical
-    return merged, [tuple(pair) for pair in tied.values()]
+    merged = {key: _tp_merge(parts, key, swiglu) for key, parts in shards.items()}
+    return merged, [tuple(pair) for pair in tied.values() if len(pair) == 2]  # untied: no pairs
 
 
 def _run(rank: int, world_size: int, module_name: str, argv: list[str]) -> tuple[list[dict], list[float]]:
@@ -170,10 +192,11 @@ def _run(rank: int, world_size: int, module_name: str, argv: list[str]) -> tuple
 def _randomised_whole(
     module_name: str, data_flags: list[str], tmp: Path, extra: tuple[str, ...] = ()
 ) -> dict[str, torch.Tensor]:
-    """The single-process model's weights after init, every parameter perturbed."""
+    """The single-process model's weights after init (the model `extra` flags shape), every parameter
+    perturbed."""
     module = pretrain_gpt if module_name == "gpt" else pretrain_bert
     base = GPT_ARGS if module_name == "gpt" else BERT_ARGS
-    module.main([*base, *extra, *data_flags, "--train-iters", "1", "--lr", "0", "--min-lr", "0", "--lr-warmup-iters", "0",
+    module.main([*base, *data_flags, *extra, "--train-iters", "1", "--lr", "0", "--min-lr", "0", "--lr-warmup-iters", "0",
                  "--save", str(tmp / "init")])  # fmt: skip
     params, _ = _final_params(tmp / "init", {})
     gen = torch.Generator().manual_seed(3)
@@ -185,9 +208,11 @@ def _compare_with_single_process(
 ) -> None:
     """Each grid's run equals the single-process one: losses (1e-5), the logged grad and params norms (as
     printed, 3 decimals: each parameter counted once), every final parameter (1e-5), tied copies bitwise.
-    `extra` flags go to every run; a grid with "zero" adds --use-distributed-optimizer, "sp"
-    --sequence-parallel."""
+    `extra` flags go to every run (the model's shape too: --swiglu shards [gate; up] per TP rank,
+    --untie-embeddings-and-output-weights has no tied copies); a grid with "zero" adds
+    --use-distributed-optimizer, "sp" --sequence-parallel."""
     base = [*(GPT_ARGS if module_name == "gpt" else BERT_ARGS), "--log-params-norm", *extra]
+    swiglu, untied = "--swiglu" in extra, "--untie-embeddings-and-output-weights" in extra
     whole = _randomised_whole(module_name, data_flags, tmp, extra)
     _write_release(whole, {}, tmp / "start_1")
     reference, reference_norms = _run(
@@ -198,7 +223,7 @@ def _compare_with_single_process(
     for n, grid in enumerate(grids):
         world = grid.get("tp", 1) * grid.get("pp", 1) * grid.get("dp", 1)
         start, out = tmp / f"start_{n}_{world}", tmp / f"run_{n}"
-        _write_release(whole, grid, start)
+        _write_release(whole, grid, start, swiglu)
         argv = [*base, *data_flags, *_grid_flags(grid), "--load", str(start), "--save", str(out)]
         results = run_distributed(_run, world, args=(module_name, argv))
         logged = [norms for _, norms in results if norms]
@@ -210,7 +235,7 @@ def _compare_with_single_process(
             for got, want in zip(curve, reference):
                 for name in want:
                     assert got[name] == pytest.approx(want[name], rel=1e-5), (grid, name, got, want)
-        params, tied = _final_params(out, grid)
+        params, tied = _final_params(out, grid, swiglu)
         assert set(params) == set(expected), grid
         for key, value in params.items():
             torch.testing.assert_close(
@@ -218,7 +243,7 @@ def _compare_with_single_process(
             )
         for first, last in tied:
             assert torch.equal(first, last), grid  # the two copies of the tied embedding stay bitwise equal
-        assert len(tied) == (grid.get("tp", 1) if grid.get("pp", 1) > 1 else 0)
+        assert len(tied) == (grid.get("tp", 1) if grid.get("pp", 1) > 1 and not untied else 0)
 
 
 def test_gpt_pp2_tp2_pp2_pp2_dp2_equal_single_process(wikitext, tmp_path):

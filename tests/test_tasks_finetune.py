@@ -4,6 +4,7 @@ formats (loss falls, accuracy matches a hand count, TP x DP = 2, 4 reproduce one
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import re
@@ -272,7 +273,8 @@ def test_accuracy_matches_a_hand_count():
          "types": torch.zeros(2, dtype=torch.long), "label": torch.tensor(y)}
         for f, y in zip(first, labels)
     ]  # fmt: skip
-    assert evaluate_accuracy(FixedClassifier(table), dataset, 2, single_process_state()) == (3, 5)
+    args = argparse.Namespace(eval_micro_batch_size=2)
+    assert evaluate_accuracy(FixedClassifier(table), dataset, args, single_process_state()) == (3, 5)
 
 
 def _config() -> TransformerConfig:

@@ -392,16 +392,6 @@ def test_flag_errors_are_clean(zeroshot_setup, tmp_path, capsys):
     assert code == 2 and "--use-checkpoint-args" in err and str(tmp_path) in err
 
 
-def test_pipeline_parallel_fine_tuning_is_refused(zeroshot_setup, capsys, monkeypatch):
-    s = zeroshot_setup
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")  # flags are checked before any process group is joined
-    code, err = _exit(
-        _argv("MNLI", s["wikitext"], s["tmp"] / "ckpt", "--pipeline-model-parallel-size", "2"), capsys
-    )
-    assert code == 2 and "--pipeline-model-parallel-size 1" in err and "tools/checkpoint/reshard.py" in err
-
-
 def test_cli_error_has_no_traceback(zeroshot_setup, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine text"}\nnot json\n')

@@ -50,7 +50,11 @@ class GPTModel(nn.Module):
             config, parallel, causal=True, add_pooler=False, gather_sequence_output=False, stage=stage
         )
         self.post_process = self.language_model.stage.post_process
-        if self.post_process and not self.language_model.stage.pre_process:
+        if (
+            self.post_process
+            and not self.language_model.stage.pre_process
+            and self.language_model.tied_output
+        ):
             self.word_embeddings_for_head = word_embeddings_for_head(self.language_model)
         mark_pipeline_tied(self)
 

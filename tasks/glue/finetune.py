@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 from functools import partial
+from typing import Optional
 
 from torch import nn
 
 from megatron.arguments import transformer_config_from_args
+from megatron.parallel.pipeline_layout import StageLayout
 from megatron.parallel.state import ParallelState, print_rank_0
 from megatron.run_state import RunState
 from megatron.tokenizer import AbstractTokenizer
@@ -26,11 +28,15 @@ from tasks.glue.data import GLUE_TASKS, GlueDataset, GlueTask
 
 
 def model_provider(
-    glue: GlueTask, args: argparse.Namespace, parallel: ParallelState, run: RunState
+    glue: GlueTask,
+    args: argparse.Namespace,
+    parallel: ParallelState,
+    run: RunState,
+    stage: Optional[StageLayout] = None,
 ) -> nn.Module:
-    return Classification(
-        transformer_config_from_args(args, run.padded_vocab_size), parallel, glue.num_classes
-    )
+    """The classifier, or the pipeline stage `stage` of it."""
+    config = transformer_config_from_args(args, run.padded_vocab_size)
+    return Classification(config, parallel, glue.num_classes, stage=stage)
 
 
 def main(args: argparse.Namespace, parallel: ParallelState, tokenizer: AbstractTokenizer) -> dict:

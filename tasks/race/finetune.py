@@ -12,10 +12,12 @@ Data: tasks/race/data.py; model: tasks.classification.MultipleChoice; loop: task
 from __future__ import annotations
 
 import argparse
+from typing import Optional
 
 from torch import nn
 
 from megatron.arguments import transformer_config_from_args
+from megatron.parallel.pipeline_layout import StageLayout
 from megatron.parallel.state import ParallelState
 from megatron.run_state import RunState
 from megatron.tokenizer import AbstractTokenizer
@@ -24,8 +26,11 @@ from tasks.finetune_utils import FinetuneTask, finetune
 from tasks.race.data import NUM_CHOICES, RaceDataset
 
 
-def model_provider(args: argparse.Namespace, parallel: ParallelState, run: RunState) -> nn.Module:
-    return MultipleChoice(transformer_config_from_args(args, run.padded_vocab_size), parallel)
+def model_provider(
+    args: argparse.Namespace, parallel: ParallelState, run: RunState, stage: Optional[StageLayout] = None
+) -> nn.Module:
+    """The multiple-choice model, or the pipeline stage `stage` of it."""
+    return MultipleChoice(transformer_config_from_args(args, run.padded_vocab_size), parallel, stage=stage)
 
 
 def main(args: argparse.Namespace, parallel: ParallelState, tokenizer: AbstractTokenizer) -> dict:

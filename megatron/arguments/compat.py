@@ -61,7 +61,7 @@ UNSUPPORTED = {}
 
 
 def add_compat_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("Megatron-LM compatibility (accepted; see megatron/compat_args.py)")
+    g = parser.add_argument_group("Megatron-LM compatibility (accepted; see megatron/arguments/compat.py)")
     for flag, why in NO_EFFECT.items():
         g.add_argument(flag, action="store_true", dest=_dest(flag), help=f"No effect: {why}.")
     for flag, (choices, why) in NO_EFFECT_VALUE.items():
