@@ -315,6 +315,15 @@ def test_bert_pp2_equals_single_process(tmp_path):
     _compare_with_single_process("bert", [], [{"pp": 2}], tmp_path)
 
 
+def test_bert_tp2_pp2_sequence_parallel_equals_single_process(tmp_path):
+    """BERT at TP 2 x PP 2 with --sequence-parallel: the stages send s/t of the sequence, the last stage
+    gathers it for the pooler and the heads (the pooler's first token and the LM head's positions), and
+    the binary head, pooler and LM head (split over the vocabulary) sit on the last stage only. The mock
+    vocabulary (121 tokens) is padded to a multiple of 8 so that TP 1 and TP 2 pad it alike (128)."""
+    vocab = ("--make-vocab-size-divisible-by", "8")
+    _compare_with_single_process("bert", [], [{"tp": 2, "pp": 2, "sp": True}], tmp_path, vocab)
+
+
 def _init_and_wrong_layout(rank: int, world_size: int, data_flags: list[str], tmp: str) -> tuple[list, str]:
     losses = pretrain_gpt.main(
         [*GPT_ARGS, *data_flags, "--pipeline-model-parallel-size", "2", "--save", tmp + "/pp2"]

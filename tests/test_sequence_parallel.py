@@ -4,6 +4,7 @@ dropout streams under recompute and resume, and its argument checks."""
 from __future__ import annotations
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ import torch
 import pretrain_bert
 from megatron.arguments import parse_args
 from megatron.model.config import TransformerConfig
+from megatron.model.language_model import parallel_lm_logits
 from megatron.model.transformer import ParallelTransformerLayer
+from megatron.parallel.layers import ColumnParallelLinear
 from megatron.parallel.mappings import (
     gather_from_sequence_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
@@ -127,6 +130,7 @@ def test_tp2_dp2_with_both_features_matches_plain(tmp_path):
 def _layer_collectives_and_mappings(rank: int, world_size: int) -> dict[bool, tuple[dict, dict]]:
     parallel = initialize_model_parallel(2)
     _check_mappings(rank, world_size, parallel.tp_group)
+    _check_column_parallel_regather(rank, parallel)
     return {sp: _count_layer_collectives(parallel, sp) for sp in (False, True)}
 
 
@@ -155,11 +159,84 @@ def test_collectives_per_layer_and_the_mappings_maths():
     mappings against independent computations: _check_mappings.)"""
     for counts in run_distributed(_layer_collectives_and_mappings, 2):
         assert counts[False] == ({"all_reduce": 2}, {"all_reduce": 2})
-        sequence_parallel = {"all_gather_single": 2, "reduce_scatter_single": 2}
-        assert counts[True] == (sequence_parallel, sequence_parallel)
+        forward = {"all_gather_single": 2, "reduce_scatter_single": 2}
+        # Backward: the adjoints (2 reduce-scatters into the layernorms, 2 all-gathers out of the
+        # row-parallel reduce-scatters) plus 2 all-gathers that re-gather the inputs of the two
+        # column-parallel GEMMs (QKV, h -> 4h) for their weight gradients, as Megatron-LM does
+        # (Korthikanti et al. 2022, sec. 4.2.2): those GEMMs keep s/t of their input, not s.
+        backward = {"all_gather_single": 4, "reduce_scatter_single": 2}
+        assert counts[True] == (forward, backward)
 
 
 # --- the mappings against an independent computation ------------------------------------------------
+
+
+def _check_column_parallel_regather(rank: int, parallel) -> None:
+    """ColumnParallelLinear with sequence parallelism keeps only this rank's s/2 positions of its input
+    (no other activation) and gives, bitwise, what all-gather then F.linear gives; both equal the
+    computation on the whole sequence with each rank's weight slice (dL/dX_r: this rank's positions of
+    the sum over ranks r' of dL/dY_r' W_r')."""
+    generator = torch.Generator().manual_seed(4)
+    whole = torch.randn(2, 8, 6, generator=generator)  # [batch, seq, in], the same on both ranks
+    upstream = [torch.randn(2, 8, 5, generator=generator) for _ in range(2)]  # dL/dY_r of each rank
+    for bias in (True, False):
+        layer = ColumnParallelLinear(6, 10, parallel=parallel, bias=bias, sequence_parallel=True)
+        randomise_(layer, parallel)
+        x = whole.chunk(2, dim=1)[rank].clone().requires_grad_(True)
+        (y, _), saved = _with_saved_activations(layer, x)
+        assert [t.untyped_storage().data_ptr() for t in saved] == [x.untyped_storage().data_ptr()]
+        y.backward(upstream[rank])
+        new = [y, x.grad, *(p.grad for p in layer.parameters())]
+
+        x_old = x.detach().clone().requires_grad_(True)
+        layer.zero_grad()
+        gathered = gather_from_sequence_parallel_region(x_old, parallel.tp_group)
+        y_old = torch.nn.functional.linear(gathered, layer.weight, layer.bias)
+        y_old.backward(upstream[rank])
+        for a, b in zip(new, [y_old, x_old.grad, *(p.grad for p in layer.parameters())]):
+            assert torch.equal(a, b)
+
+        weights = [_rank_weight(layer.weight.shape, r) for r in range(2)]  # as randomise_ draws them
+        b = layer.bias.detach() if bias else None
+        rtol = dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(y, torch.nn.functional.linear(whole, weights[rank], b), **rtol)
+        dx = sum(upstream[r] @ weights[r] for r in range(2))
+        torch.testing.assert_close(x.grad, dx.chunk(2, dim=1)[rank], **rtol)
+        dw = upstream[rank].flatten(0, 1).t() @ whole.flatten(0, 1)
+        torch.testing.assert_close(new[2], dw, **rtol)
+        if bias:
+            torch.testing.assert_close(new[3], upstream[rank].sum((0, 1)), **rtol)
+
+    # The output layer (tied logits) goes through the same function: s/2 positions kept, the same logits.
+    def logits(hidden):
+        return parallel_lm_logits(
+            hidden, layer.weight, parallel, parallel_output=True, sequence_parallel=True
+        )
+
+    logits_out, saved = _with_saved_activations(layer, x, logits)
+    assert [t.untyped_storage().data_ptr() for t in saved] == [x.untyped_storage().data_ptr()]
+    assert torch.equal(logits_out, layer(x)[0])
+
+
+def _with_saved_activations(module: torch.nn.Module, x: torch.Tensor, forward=None) -> tuple:
+    """(forward(x) (default module(x)), the tensors autograd saved for backward that are not module's
+    parameters)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    forward = module if forward is None else forward
+    saved = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage().data_ptr() not in params:
+            saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        return forward(x), saved
+
+
+def _rank_weight(shape, tp_rank: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(zlib.crc32(b"weight") + 1000 * tp_rank)
+    return 0.05 * torch.randn(shape, generator=generator)
 
 
 def _check_mappings(rank: int, world_size: int, group) -> None:

@@ -27,7 +27,11 @@ from megatron.model.config import TransformerConfig
 from megatron.model.rotary import RotaryEmbedding
 from megatron.model.transformer import InferenceParams, LayerNorm, ParallelTransformer, check_config
 from megatron.model.utils import init_normal_
-from megatron.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.parallel.layers import (
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    linear_with_sequence_gather,
+)
 from megatron.parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -60,13 +64,14 @@ def parallel_lm_logits(
     hidden [batch, seq, h], E_r [V/p, h] -> [batch, seq, V/p]; all-gathered to [batch, seq, V] when not
     `parallel_output`. f is the identity forward and sums the input gradient over TP ranks backward. With
     `sequence_parallel` hidden is [batch, s/p, h] and is all-gathered over the sequence instead of f (its
-    gradient, a partial sum on each rank, is reduce-scattered back).
+    gradient, a partial sum on each rank, is reduce-scattered back); only the s/p positions are kept for
+    the weight gradient, all-gathered again in backward (megatron.parallel.layers).
     """
     if sequence_parallel:
-        hidden = gather_from_sequence_parallel_region(hidden, parallel.tp_group, grad_is_partial=True)
+        logits = linear_with_sequence_gather(hidden, word_embeddings_weight, bias, parallel.tp_group)
     else:
         hidden = copy_to_tensor_model_parallel_region(hidden, parallel.tp_group)
-    logits = F.linear(hidden, word_embeddings_weight, bias)
+        logits = F.linear(hidden, word_embeddings_weight, bias)
     if parallel_output:
         return logits
     return gather_from_tensor_model_parallel_region(logits, parallel.tp_group)

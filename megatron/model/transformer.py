@@ -20,14 +20,16 @@ the G groups (not the heads) are split over ranks; RoPE rotates each rank's quer
 RMSNorm replaces LayerNorm where --normalization RMSNorm.
 
 So a layer does exactly two all-reduces in forward and two in backward (with sequence parallelism, two
-all-gathers and two reduce-scatters each way instead: see "Sequence parallelism" below). Layernorm, hidden dropout and the
+all-gathers and two reduce-scatters each way instead, plus two all-gathers in backward that re-gather the
+column-parallel GEMMs' inputs: see "Sequence parallelism" below). Layernorm, hidden dropout and the
 residual additions are duplicated on every TP rank (they see identical inputs and use the same RNG
 stream); attention dropout acts on this rank's heads only, so it draws from the TP-rank-specific stream of
 `get_rng_tracker().fork()`.
 
 Sequence parallelism (config.sequence_parallel, TP > 1; Korthikanti et al. 2022): between the TP regions
 each rank holds x[:, s/p positions] only, so layernorms, hidden dropout and residual additions work on
-s/p of the sequence; the column-parallel GEMMs all-gather the sequence and the row-parallel ones
+s/p of the sequence; the column-parallel GEMMs all-gather the sequence (and again in backward, for the
+weight gradient, so that they keep only s/p positions of their input) and the row-parallel ones
 reduce-scatter it (megatron.parallel.layers). Hidden dropout then acts on positions that differ per rank,
 so it draws from the TP-rank-specific stream, like attention dropout. The parameters used on s/p of the
 sequence while duplicated over TP (layernorms, row-parallel biases) are marked `sequence_parallel`: each

@@ -15,10 +15,11 @@ weight is stored transposed, W = A^T with shape [out, in]. Over a TP group of p 
 
 With sequence_parallel (Megatron's --sequence-parallel; input and output [batch, seq, ...] split over
 the sequence outside the TP regions), ColumnParallelLinear takes this rank's s/p positions and all-gathers
-the sequence instead of f (backward: reduce-scatter of dX), and RowParallelLinear reduce-scatters its
-output over the sequence instead of g (backward: all-gather), adding its duplicated bias to the s/p
-positions it keeps; the bias gradient is then a partial sum over positions, which the caller all-reduces
-over the TP group (megatron.distributed, parameters marked `sequence_parallel`).
+the sequence instead of f (backward: reduce-scatter of dX), keeping only its s/p positions for the weight
+gradient and all-gathering them again in backward (_GatherSequenceLinear); RowParallelLinear
+reduce-scatters its output over the sequence instead of g (backward: all-gather), adding its duplicated
+bias to the s/p positions it keeps; the bias gradient is then a partial sum over positions, which the
+caller all-reduces over the TP group (megatron.distributed, parameters marked `sequence_parallel`).
 
 Initialisation does not depend on p (Megatron's --use-cpu-initialization): each layer draws the FULL
 master weight with torch.nn.init.normal_(master, 0, init_std) from the default torch generator and keeps
@@ -35,17 +36,21 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megatron.parallel.cross_entropy import vocab_range_from_global_vocab_size
 from megatron.parallel.mappings import (
+    all_gather_sequence,
     copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
+    finish,
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_model_parallel_region,
+    start_all_gather_sequence,
+    start_reduce_scatter_sequence,
 )
 from megatron.parallel.state import ParallelState
 
@@ -94,6 +99,64 @@ def _sharded_normal(
     return param
 
 
+class _GatherSequenceLinear(torch.autograd.Function):
+    """Y = concat_s(X_r) W^T + b, keeping only this rank's shard X_r for backward (Megatron-LM's
+    LinearWithGradAccumulationAndAsyncCommunication with sequence_parallel; Korthikanti et al. 2022,
+    section 4.2.2).
+
+    X_r [batch, s/p, in] is this rank's positions, X = concat_s X_r [batch, s, in] the all-gathered
+    sequence, W [out/p, in] this rank's column slice. Backward, with G = dL/dY [batch, s, out/p]:
+
+        dL/dW = G^T X      (summed over batch and positions; needs the whole X: re-all-gathered here)
+        dL/db = sum over batch and positions of G
+        dL/dX_r = (sum over ranks r' of G_r' W_r')[:, chunk r]   (each rank's G W is a partial sum over
+                                                                   its columns: one reduce-scatter)
+
+    So a column-parallel GEMM keeps s/p positions of its input instead of s (the paper's 2sbh/t per
+    GEMM input), for one more all-gather in backward. As in Megatron-LM the collectives overlap the
+    GEMMs: the re-gather runs while G W is computed, the reduce-scatter of G W while G^T X is. The
+    forward and the three gradients are computed as autograd computes them for F.linear on the gathered
+    input (one [batch s, in] matrix), so the results are bitwise those of gather-then-F.linear.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], group: Optional[dist.ProcessGroup]
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.group, ctx.has_bias = group, bias is not None
+        return F.linear(all_gather_sequence(x, group), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], None]:
+        x, weight = ctx.saved_tensors
+        need_x, need_weight, need_bias, _ = ctx.needs_input_grad
+        gathering = start_all_gather_sequence(x, ctx.group) if need_weight else None
+        grad_2d = grad.reshape(-1, grad.size(-1))
+        grad_x = grad_weight = grad_bias = scattering = None
+        if need_x:  # while the re-gather runs
+            grad_input = grad_2d.mm(weight).view(*grad.shape[:-1], weight.size(1))
+            scattering = start_reduce_scatter_sequence(grad_input, ctx.group)
+        if gathering is not None:  # while dL/dX is reduce-scattered
+            whole = finish(gathering)
+            grad_weight = grad_2d.t().mm(whole.reshape(-1, whole.size(-1)))
+        if need_bias and ctx.has_bias:
+            grad_bias = grad_2d.sum(0)
+        if scattering is not None:
+            grad_x = finish(scattering)
+        return grad_x, grad_weight, grad_bias, None
+
+
+def linear_with_sequence_gather(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], group: Optional[dist.ProcessGroup]
+) -> Tensor:
+    """concat_s(X_r) W^T + b for this rank's positions X_r [batch, s/p, in], keeping only X_r for backward
+    (_GatherSequenceLinear); a group of one is F.linear."""
+    if group is None or dist.get_world_size(group) == 1:
+        return F.linear(x, weight, bias)
+    return _GatherSequenceLinear.apply(x, weight, bias, group)
+
+
 class ColumnParallelLinear(nn.Module):
     """Y = X A + b with A split by columns: this rank computes Y_r = X A_r + b_r (see module docstring).
 
@@ -139,12 +202,12 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """x [..., input_size] (same on all TP ranks; with sequence_parallel [batch, s/p, input_size], this
         rank's positions) -> (Y_r [..., out/p] or Y [..., out], bias or None), over the whole sequence."""
+        add_bias = self.bias if not self.skip_bias_add else None
         if self.sequence_parallel:
-            x = gather_from_sequence_parallel_region(x, self.parallel.tp_group)
+            y = linear_with_sequence_gather(x, self.weight, add_bias, self.parallel.tp_group)
         else:
             x = copy_to_tensor_model_parallel_region(x, self.parallel.tp_group)
-        add_bias = self.bias if not self.skip_bias_add else None
-        y = F.linear(x, self.weight, add_bias)
+            y = F.linear(x, self.weight, add_bias)
         if self.gather_output:
             y = gather_from_tensor_model_parallel_region(y, self.parallel.tp_group)
         return y, (self.bias if self.skip_bias_add else None)

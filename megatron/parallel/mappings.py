@@ -29,7 +29,9 @@ positions). With "concat_s" an all-gather and "scatter_s" a reduce-scatter along
 The all-gather replaces f before a column-parallel GEMM and the reduce-scatter replaces g after a
 row-parallel GEMM: a layer makes 2 all-gathers + 2 reduce-scatters in forward and, as their adjoints,
 2 reduce-scatters + 2 all-gathers in backward, and no all-reduce (an all-reduce is a reduce-scatter
-followed by an all-gather, so the traffic is the same).
+followed by an all-gather, so the traffic is the same). The column-parallel GEMMs do not keep their
+all-gathered input for the weight gradient: they fuse the all-gather with the GEMM and all-gather this
+rank's shard again in backward (megatron.parallel.layers), 2 more all-gathers per layer in backward.
 
 `group` None, or a group of size 1, makes every function the identity.
 
@@ -41,7 +43,7 @@ torch.distributed (tests/collectives.py), so nothing here is instrumented.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -87,17 +89,38 @@ def _split_sequence(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
     return x.chunk(size, dim=SEQUENCE_DIM)[dist.get_rank(group)].contiguous()
 
 
-def _all_gather_sequence(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
-    """concat over the group's ranks, in rank order, along the sequence dimension (one all-gather)."""
+class Pending(NamedTuple):
+    """A started asynchronous collective: `result` is valid once `work.wait()` has returned (work None: a
+    group of one, ready at once); `source`, the buffer being sent, is kept alive until then."""
+
+    result: Tensor
+    work: Optional[dist.Work]
+    source: Tensor
+
+
+def finish(pending: Pending) -> Tensor:
+    """The result of a started collective, after waiting for it."""
+    if pending.work is not None:
+        pending.work.wait()
+    return pending.result
+
+
+def start_all_gather_sequence(x: Tensor, group: Optional[dist.ProcessGroup]) -> Pending:
+    """Start concat over the group's ranks, in rank order, along the sequence dimension (one all-gather)."""
     size = group_size(group)
     local = x.transpose(0, SEQUENCE_DIM).contiguous()  # the sequence first: ranks' parts are contiguous
     whole = torch.empty((size * local.size(0), *local.shape[1:]), dtype=x.dtype, device=x.device)
-    all_gather_into(whole, local, group)
-    return whole.transpose(0, SEQUENCE_DIM)
+    work = all_gather_into(whole, local, group, async_op=True)
+    return Pending(whole.transpose(0, SEQUENCE_DIM), work, local)
 
 
-def _reduce_scatter_sequence(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
-    """(sum over the group of x)[:, chunk r]: one reduce-scatter along the sequence dimension."""
+def all_gather_sequence(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+    """concat over the group's ranks, in rank order, along the sequence dimension (one all-gather)."""
+    return finish(start_all_gather_sequence(x, group))
+
+
+def start_reduce_scatter_sequence(x: Tensor, group: Optional[dist.ProcessGroup]) -> Pending:
+    """Start (sum over the group of x)[:, chunk r]: one reduce-scatter along the sequence dimension."""
     size = group_size(group)
     if x.size(SEQUENCE_DIM) % size != 0:
         raise ValueError(
@@ -105,8 +128,13 @@ def _reduce_scatter_sequence(x: Tensor, group: Optional[dist.ProcessGroup]) -> T
         )
     whole = x.transpose(0, SEQUENCE_DIM).contiguous()
     local = torch.empty((whole.size(0) // size, *whole.shape[1:]), dtype=x.dtype, device=x.device)
-    reduce_scatter_into(local, whole, group)
-    return local.transpose(0, SEQUENCE_DIM)
+    work = reduce_scatter_into(local, whole, group, async_op=True)
+    return Pending(local.transpose(0, SEQUENCE_DIM), work, whole)
+
+
+def reduce_scatter_sequence(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
+    """(sum over the group of x)[:, chunk r]: one reduce-scatter along the sequence dimension."""
+    return finish(start_reduce_scatter_sequence(x, group))
 
 
 class _CopyToRegion(torch.autograd.Function):
@@ -201,7 +229,7 @@ class _ScatterToSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _all_gather_sequence(grad, ctx.group), None
+        return all_gather_sequence(grad, ctx.group), None
 
 
 class _GatherFromSequence(torch.autograd.Function):
@@ -210,12 +238,12 @@ class _GatherFromSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group: Optional[dist.ProcessGroup], grad_is_partial: bool) -> Tensor:
         ctx.group, ctx.grad_is_partial = group, grad_is_partial
-        return _all_gather_sequence(x, group)
+        return all_gather_sequence(x, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         if ctx.grad_is_partial:
-            return _reduce_scatter_sequence(grad, ctx.group), None, None
+            return reduce_scatter_sequence(grad, ctx.group), None, None
         return _split_sequence(grad, ctx.group), None, None
 
 
@@ -225,11 +253,11 @@ class _ReduceScatterToSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
         ctx.group = group
-        return _reduce_scatter_sequence(x, group)
+        return reduce_scatter_sequence(x, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _all_gather_sequence(grad, ctx.group), None
+        return all_gather_sequence(grad, ctx.group), None
 
 
 def scatter_to_sequence_parallel_region(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
