@@ -26,9 +26,17 @@ F0.0 F1.0 .. F(p-1).0 F0.1 F1.1 .. (microbatch.chunk) with (p - s - 1) * 2 + (v 
 then 1F1B over (microbatch, chunk) pairs with backwards in reverse chunk order. The bubble shrinks to
 (p - 1) / (v m) for v times more point-to-point traffic; m must be a multiple of p.
 
-Point-to-point transfers are megatron.parallel.p2p (batch_isend_irecv, gloo and NCCL). A stage's output
-is freed as soon as it has been sent (only its autograd graph is kept: the stage output is a residual
-sum, whose backward does not read it), so held activations are the stage-internal ones.
+Point-to-point transfers are megatron.parallel.p2p (batch_isend_irecv, gloo and NCCL), posted without
+waiting: a received tensor is waited for just before the forward or backward that reads it, and a send
+just before the stage's next send in the same direction (and at the end of the schedule), so transfers
+overlap compute instead of making each step wait for both neighbours (Megatron's overlap_p2p_comm). The
+sends and receives of each step are batched as Megatron batches them, so neighbours' batches pair up
+in the same order (NCCL matches by order within a pair of ranks); in the interleaved steady phase, as
+in Megatron's overlapped schedule, the forward's batch (send the output, receive the next forward's
+input) is posted before the backward runs, and the backward's batch before the next forward. A stage's
+output is freed as soon as it has been posted (only its autograd graph is kept: the stage output is a
+residual sum, whose backward does not read it; its memory goes when the send completes, by the next
+send), so held activations are the stage-internal ones.
 
 We do not use torch.distributed.pipelining: its schedules own the loss and the module split and would
 need adapting for Megatron's tied embedding across the first and last stage (two copies whose gradients
@@ -48,7 +56,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.variable import Variable
 
-from megatron.parallel.p2p import P2PConfig, communicate
+from megatron.parallel.p2p import P2PConfig, Transfer, post
 from megatron.parallel.state import ParallelState
 
 # forward_step(data_iterator, model_chunk) -> (output, loss_func); loss_func(output) -> (loss, {name: value})
@@ -93,14 +101,24 @@ class _Stage:
         self.config, self.parallel = config, parallel
         self.stats: LoggedStats = []
         self.backwards_left = config.num_microbatches * len(chunks)
+        self.sending: dict[str, Optional[Transfer]] = {"next": None, "prev": None}
 
     def is_post_process(self, chunk: int) -> bool:
         return self.parallel.is_pp_last and chunk == len(self.chunks) - 1
 
-    def forward(self, chunk: int, input_tensor: Optional[Tensor]) -> Tensor:
-        """Run microbatch forward on `chunk` from `input_tensor` (None on the first chunk of the first
-        stage); on the last chunk of the last stage return loss / m (scaled), else the hidden states."""
-        model = self.chunks[chunk]
+    def activation(self, inbound: Optional[Transfer]) -> Optional[Tensor]:
+        """The activation `inbound` receives from the previous stage (waited for here; None for the first
+        stage), a leaf that collects the gradient of this stage's input."""
+        input_tensor = None if inbound is None else inbound.from_prev()
+        if input_tensor is not None and not self.config.forward_only:
+            input_tensor.requires_grad_()
+        return input_tensor
+
+    def forward(self, chunk: int, inbound: Optional[Transfer]) -> Tensor:
+        """Run microbatch forward on `chunk` from the activation `inbound` receives (None on the first
+        chunk of the first stage); on the last chunk of the last stage return loss / m (scaled), else
+        the hidden states."""
+        model, input_tensor = self.chunks[chunk], self.activation(inbound)
         if input_tensor is not None:
             model.set_input_tensor(input_tensor)
         with torch.no_grad() if self.config.forward_only else nullcontext():
@@ -112,9 +130,13 @@ class _Stage:
         return self.config.scale_loss(loss / self.config.num_microbatches)
 
     def backward(
-        self, input_tensor: Optional[Tensor], output_tensor: Tensor, output_grad: Optional[Tensor]
+        self, inbound: Optional[Transfer], output_tensor: Tensor, grad_inbound: Optional[Transfer]
     ) -> Optional[Tensor]:
-        """Backpropagate `output_grad` (None for the loss) through the chunk; return d loss / d input."""
+        """Backpropagate the gradient `grad_inbound` receives from the next stage (None, or nothing
+        received: the output is the loss) through the chunk whose input `inbound` received; return
+        d loss / d input."""
+        input_tensor = self.activation(inbound)
+        output_grad = None if grad_inbound is None else grad_inbound.from_next()
         self.backwards_left -= 1
         with self.config.no_sync() if self.backwards_left > 0 else nullcontext():
             if output_grad is None:
@@ -131,12 +153,32 @@ class _Stage:
                 )
         return None if input_tensor is None else input_tensor.grad
 
-    def communicate(self, **kwargs: Any) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """p2p.communicate; a received activation becomes a leaf that collects its gradient."""
-        from_prev, from_next = communicate(self.parallel, self.config.p2p(), **kwargs)
-        if from_prev is not None and not self.config.forward_only:
-            from_prev.requires_grad_()
-        return from_prev, from_next
+    def post(
+        self,
+        send_next: Optional[Tensor] = None,
+        send_prev: Optional[Tensor] = None,
+        recv_prev: bool = False,
+        recv_next: bool = False,
+    ) -> Transfer:
+        """p2p.post, once the previous send in each direction this one sends in has completed: at most
+        one send per direction is in flight, so a sent output's memory goes by the stage's next send."""
+        sends = {"next": send_next, "prev": send_prev}
+        for direction, tensor in sends.items():
+            in_flight = self.sending[direction]
+            if tensor is not None and in_flight is not None:
+                in_flight.wait_sends()
+        transfer = post(self.parallel, self.config.p2p(), send_next, send_prev, recv_prev, recv_next)
+        for direction, tensor in sends.items():
+            if tensor is not None:
+                self.sending[direction] = transfer
+        return transfer
+
+    def finish(self) -> LoggedStats:
+        """Wait for the sends still in flight; return the logged values of every microbatch."""
+        for transfer in self.sending.values():
+            if transfer is not None:
+                transfer.wait_sends()
+        return self.stats
 
 
 def _free(output: Optional[Tensor]) -> None:
@@ -159,7 +201,7 @@ def forward_backward_no_pipelining(
         loss = stage.forward(0, None)
         if not config.forward_only:
             stage.backward(None, loss, None)
-    return stage.stats
+    return stage.finish()
 
 
 def forward_backward_pipelining_without_interleaving(
@@ -174,44 +216,44 @@ def forward_backward_pipelining_without_interleaving(
     stage = _Stage(forward_step, [data_iterator], chunks, config, parallel)
     m, first, last = config.num_microbatches, parallel.is_pp_first, parallel.is_pp_last
     num_warmup = min(parallel.pp_size - parallel.pp_rank - 1, m)
-    inputs: list[Optional[Tensor]] = []
+    inputs: list[Optional[Transfer]] = []  # the transfers that receive each held microbatch's input
     outputs: list[Tensor] = []
 
     for _ in range(num_warmup):
-        input_tensor, _ = stage.communicate(recv_prev=not first)
-        output = stage.forward(0, input_tensor)
-        stage.communicate(send_next=None if last else output)
-        inputs.append(input_tensor)
+        inbound = stage.post(recv_prev=not first)
+        output = stage.forward(0, inbound)
+        stage.post(send_next=None if last else output)
+        inputs.append(inbound)
         outputs.append(output)
         _free(None if last else output)
 
-    input_tensor = stage.communicate(recv_prev=not first)[0] if m > num_warmup else None
+    inbound = stage.post(recv_prev=not first) if m > num_warmup else None
     for i in range(m - num_warmup):
         last_iteration = i == m - num_warmup - 1
-        output = stage.forward(0, input_tensor)
+        output = stage.forward(0, inbound)
         send = None if last else output
         if config.forward_only:
-            stage.communicate(send_next=send)
-            input_tensor = None if last_iteration else stage.communicate(recv_prev=not first)[0]
+            stage.post(send_next=send)
+            inbound = None if last_iteration else stage.post(recv_prev=not first)
             continue
-        _, output_grad = stage.communicate(send_next=send, recv_next=not last)
-        inputs.append(input_tensor)
+        grad_inbound = stage.post(send_next=send, recv_next=not last)
+        inputs.append(inbound)
         outputs.append(output)
         _free(send)
-        input_grad = stage.backward(inputs.pop(0), outputs.pop(0), output_grad)
+        input_grad = stage.backward(inputs.pop(0), outputs.pop(0), grad_inbound)
         send_prev = None if first else input_grad
         if last_iteration:
-            stage.communicate(send_prev=send_prev)
-            input_tensor = None
+            stage.post(send_prev=send_prev)
+            inbound = None
         else:
-            input_tensor, _ = stage.communicate(send_prev=send_prev, recv_prev=not first)
+            inbound = stage.post(send_prev=send_prev, recv_prev=not first)
 
     if not config.forward_only:
         for _ in range(num_warmup):
-            _, output_grad = stage.communicate(recv_next=not last)
-            input_grad = stage.backward(inputs.pop(0), outputs.pop(0), output_grad)
-            stage.communicate(send_prev=None if first else input_grad)
-    return stage.stats
+            grad_inbound = stage.post(recv_next=not last)
+            input_grad = stage.backward(inputs.pop(0), outputs.pop(0), grad_inbound)
+            stage.post(send_prev=None if first else input_grad)
+    return stage.finish()
 
 
 class _ReplayIterator:
@@ -243,16 +285,17 @@ def replay_iterators(source: Iterator, num_chunks: int) -> list[Iterator]:
 
 
 class _Interleaved:
-    """The per-chunk queues of the interleaved schedule: inputs (received activations, None for the
-    embedding chunk), outputs awaiting their backward, and received output gradients; step k of the
+    """The per-chunk queues of the interleaved schedule: inputs (the transfers receiving them, None for
+    the embedding chunk), outputs awaiting their backward, and output gradients (the transfers receiving
+    them, None for the loss); step k of the
     forward (backward) sequence runs chunk `chunk_of(k)`, in groups of p microbatches per chunk."""
 
     def __init__(self, stage: _Stage, num_chunks: int, parallel: ParallelState) -> None:
         self.stage, self.v, self.p = stage, num_chunks, parallel.pp_size
         self.first, self.last = parallel.is_pp_first, parallel.is_pp_last
-        self.inputs: list[list[Optional[Tensor]]] = [[] for _ in range(num_chunks)]
+        self.inputs: list[list[Optional[Transfer]]] = [[] for _ in range(num_chunks)]
         self.outputs: list[list[Tensor]] = [[] for _ in range(num_chunks)]
-        self.output_grads: list[list[Optional[Tensor]]] = [[] for _ in range(num_chunks)]
+        self.output_grads: list[list[Optional[Transfer]]] = [[] for _ in range(num_chunks)]
 
     def chunk_of(self, k: int, forward: bool) -> int:
         c = (k % (self.p * self.v)) // self.p
@@ -303,7 +346,8 @@ def forward_backward_pipelining_with_interleaving(
     parallel: ParallelState,
 ) -> LoggedStats:
     """Interleaved 1F1B over v = len(chunks) virtual chunks (see the module docstring): warm-up forwards,
-    a steady phase of one forward and one backward per step, then the remaining backwards."""
+    a steady phase of one forward and one backward per step (each followed by its own transfers), then
+    the remaining backwards."""
     v, p, m = len(chunks), parallel.pp_size, config.num_microbatches
     if m % p != 0:
         raise ValueError(
@@ -317,46 +361,44 @@ def forward_backward_pipelining_with_interleaving(
     num_warmup = total if all_warmup else min((p - parallel.pp_rank - 1) * 2 + (v - 1) * p, total)
 
     if not first:
-        run.inputs[0].append(stage.communicate(recv_prev=True)[0])
+        run.inputs[0].append(stage.post(recv_prev=True))
     for k in range(num_warmup):
         send = run.forward(k)
         next_chunk = run.chunk_of(k + 1, True)
         recv_prev = not (first and next_chunk == 0) and k != total - 1
         recv_next = k == num_warmup - 1 and not all_warmup and not last
-        received, grad = stage.communicate(send_next=send, recv_prev=recv_prev, recv_next=recv_next)
+        transfer = stage.post(send_next=send, recv_prev=recv_prev, recv_next=recv_next)
         if recv_next:
-            run.output_grads[v - 1].append(grad)
+            run.output_grads[v - 1].append(transfer)
         if recv_prev:
-            run.inputs[next_chunk].append(received)
+            run.inputs[next_chunk].append(transfer)
         _free(send)
 
     steady = total - num_warmup
     for k in range(steady):
-        send = run.forward(k + num_warmup)
-        send_prev = run.backward(k)
         recv_prev, next_forward, recv_next, next_backward = run.steady_receivers(k + num_warmup, k)
-        recv_prev = recv_prev and k != steady - 1
-        received, grad = stage.communicate(
-            send_next=send, send_prev=send_prev, recv_prev=recv_prev, recv_next=recv_next
-        )
-        if recv_prev:
-            run.inputs[next_forward].append(received)
-        if recv_next:
-            run.output_grads[next_backward].append(grad)
+        send = run.forward(k + num_warmup)
+        if recv_prev and k != steady - 1:
+            run.inputs[next_forward].append(stage.post(send_next=send, recv_prev=True))
+        else:
+            stage.post(send_next=send)
         _free(send)
+        transfer = stage.post(send_prev=run.backward(k), recv_next=recv_next)
+        if recv_next:
+            run.output_grads[next_backward].append(transfer)
 
     if config.forward_only:
-        return stage.stats
+        return stage.finish()
     if all_warmup and not last:
-        run.output_grads[v - 1].append(stage.communicate(recv_next=True)[1])
+        run.output_grads[v - 1].append(stage.post(recv_next=True))
     for k in range(steady, total):
         send_prev = run.backward(k)
         next_backward = run.chunk_of(k + 1, False)
         recv_next = not (last and next_backward == v - 1) and k != total - 1
-        _, grad = stage.communicate(send_prev=send_prev, recv_next=recv_next)
+        transfer = stage.post(send_prev=send_prev, recv_next=recv_next)
         if recv_next:
-            run.output_grads[next_backward].append(grad)
-    return stage.stats
+            run.output_grads[next_backward].append(transfer)
+    return stage.finish()
 
 
 def get_forward_backward_func(parallel: ParallelState, num_chunks: int = 1) -> Callable[..., LoggedStats]:

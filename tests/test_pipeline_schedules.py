@@ -1,11 +1,13 @@
 """Pipeline schedules against one process: the gradients of every parameter (every one randomised) and the
 losses of one global batch equal those of the whole model run without pipelining, for 1F1B, interleaved
-1F1B, uneven stages, TP x PP and PP x DP, GPT and BERT; 1F1B holds at most p microbatches of activations
-on a stage (counted), and a sent output's memory is freed before its backward."""
+1F1B, uneven stages, TP x PP and PP x DP, GPT and BERT, also with transfers paired by posting order alone
+(as NCCL pairs them); 1F1B holds at most p microbatches of activations on a stage (counted), and a sent
+output's memory is freed before its backward."""
 
 from __future__ import annotations
 
 import itertools
+from unittest import mock
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from megatron.distributed import DistributedDataParallel
 from megatron.model import BertModel, GPTModel
 from megatron.model.config import TransformerConfig
 from megatron.model.utils import tensor_parallel_dim
+from megatron.parallel import p2p
 from megatron.parallel.pipeline_layout import StageLayout, global_key, stage_layouts
 from megatron.parallel.state import initialize_model_parallel, single_process_state
 from megatron.schedules import (
@@ -192,6 +195,22 @@ def test_pipeline_gradients_equal_one_process_2_ranks():
 
 def test_pipeline_gradients_equal_one_process_4_ranks():
     run_distributed(_check_cases, world_size=4, args=(CASES_4,))
+
+
+def _check_cases_matched_by_order(rank: int, world_size: int, cases: list[dict]) -> None:
+    """_check_cases with one tag for activations and gradients: transfers then pair up by posting order
+    alone, as NCCL pairs them (it ignores tags)."""
+    with mock.patch.multiple(p2p, _ACTIVATION_TAG=0, _GRADIENT_TAG=0):
+        _check_cases(rank, world_size, cases)
+
+
+def test_transfers_pair_up_by_posting_order_as_on_nccl():
+    # PP 2 interleaved: each pair of ranks exchanges activations and gradients in both directions
+    cases = [
+        {"pp": 2, "layers": 4, "m": 4, "bert": False, "vp": 2},
+        {"pp": 2, "layers": 4, "m": 4, "bert": False},
+    ]
+    run_distributed(_check_cases_matched_by_order, world_size=2, args=(cases,))
 
 
 @pytest.mark.slow
