@@ -6,7 +6,8 @@
 #     NUM_LAYERS=16 HIDDEN=2048 HEADS=16 QUERY_GROUPS=4 FFN=5632 SEQ=2048 MBS=4 GBS=512 ITERS=100000 \
 #     EXTRA_ARGS=--bf16 bash scripts/launch/llama.sh
 # TOKENIZER_MODEL: a SentencePiece .model (Llama2Tokenizer: <s> prepended, </s> ends each document) or a
-# tokenizer.json / its folder (HuggingFaceTokenizer). Preprocess with the same tokenizer and --append-eod.
+# tokenizer.json / its folder (HuggingFaceTokenizer); or VOCAB_FILE and MERGE_FILE of a GPT-2 BPE
+# (GPT2BPETokenizer, as scripts/quickstart.sh trains one). Preprocess with the same tokenizer and --append-eod.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 SEQ="${SEQ:-64}"
@@ -31,7 +32,9 @@ if [ -n "${DATA_PATH:-}" ]; then
 else
   ARGS+=(--mock-data)
 fi
-if [ -z "${TOKENIZER_MODEL:-}" ]; then
+if [ -n "${MERGE_FILE:-}" ]; then
+  ARGS+=(--tokenizer-type GPT2BPETokenizer --vocab-file "${VOCAB_FILE:?MERGE_FILE needs VOCAB_FILE}" --merge-file "$MERGE_FILE")
+elif [ -z "${TOKENIZER_MODEL:-}" ]; then
   ARGS+=(--tokenizer-type NullTokenizer --vocab-size "${VOCAB_SIZE:-1024}")
 elif [[ "$TOKENIZER_MODEL" == *.model ]]; then
   ARGS+=(--tokenizer-type Llama2Tokenizer --tokenizer-model "$TOKENIZER_MODEL")
