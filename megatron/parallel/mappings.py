@@ -43,7 +43,7 @@ torch.distributed (tests/collectives.py), so nothing here is instrumented.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -75,6 +75,7 @@ def _gather_last_dim(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
     return torch.cat(parts, dim=-1)
 
 
+Collective = Callable[[Tensor, Optional[dist.ProcessGroup]], Tensor]
 SEQUENCE_DIM = 1  # activations are [batch, seq, hidden]
 
 
@@ -165,30 +166,29 @@ class _ReduceFromRegion(torch.autograd.Function):
         return grad, None
 
 
-class _ScatterToRegion(torch.autograd.Function):
-    """Forward: keep this rank's chunk of the last dim; backward: all-gather the last dim."""
+class _Adjoint(torch.autograd.Function):
+    """Y = forward_op(X, group) in forward; dL/dX = backward_op(dL/dY, group), its adjoint, in backward.
+    The scatter / gather / reduce-scatter pairs of the module docstring are all of this form."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
-        ctx.group = group
-        return _split_last_dim(x, group)
+    def forward(
+        ctx, x: Tensor, group: Optional[dist.ProcessGroup], forward_op: Collective, backward_op: Collective
+    ) -> Tensor:
+        ctx.group, ctx.backward_op = group, backward_op
+        return forward_op(x, group)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _gather_last_dim(grad, ctx.group), None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        return ctx.backward_op(grad, ctx.group), None, None, None
 
 
-class _GatherFromRegion(torch.autograd.Function):
-    """Forward: all-gather the last dim; backward: keep this rank's chunk of the gradient."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
-        ctx.group = group
-        return _gather_last_dim(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _split_last_dim(grad, ctx.group), None
+def _adjoint(
+    x: Tensor, group: Optional[dist.ProcessGroup], forward_op: Collective, backward_op: Collective
+) -> Tensor:
+    """_Adjoint, or the identity over a group of one."""
+    if group_size(group) == 1:
+        return x
+    return _Adjoint.apply(x, group, forward_op, backward_op)
 
 
 def copy_to_tensor_model_parallel_region(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
@@ -207,64 +207,17 @@ def reduce_from_tensor_model_parallel_region(x: Tensor, group: Optional[dist.Pro
 
 def scatter_to_tensor_model_parallel_region(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
     """Y = this rank's 1/p chunk of X's last dim in forward; dL/dX = all-gather(dL/dY) in backward."""
-    if group_size(group) == 1:
-        return x
-    return _ScatterToRegion.apply(x, group)
+    return _adjoint(x, group, _split_last_dim, _gather_last_dim)
 
 
 def gather_from_tensor_model_parallel_region(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
     """Y = all-gather of X along the last dim in forward; dL/dX = this rank's chunk of dL/dY in backward."""
-    if group_size(group) == 1:
-        return x
-    return _GatherFromRegion.apply(x, group)
-
-
-class _ScatterToSequence(torch.autograd.Function):
-    """Forward: keep this rank's chunk of the sequence; backward: all-gather the sequence."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
-        ctx.group = group
-        return _split_sequence(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return all_gather_sequence(grad, ctx.group), None
-
-
-class _GatherFromSequence(torch.autograd.Function):
-    """Forward: all-gather the sequence; backward: reduce-scatter (partial grads) or keep this rank's chunk."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group: Optional[dist.ProcessGroup], grad_is_partial: bool) -> Tensor:
-        ctx.group, ctx.grad_is_partial = group, grad_is_partial
-        return all_gather_sequence(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        if ctx.grad_is_partial:
-            return reduce_scatter_sequence(grad, ctx.group), None, None
-        return _split_sequence(grad, ctx.group), None, None
-
-
-class _ReduceScatterToSequence(torch.autograd.Function):
-    """Forward: reduce-scatter along the sequence; backward: all-gather the sequence."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
-        ctx.group = group
-        return reduce_scatter_sequence(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return all_gather_sequence(grad, ctx.group), None
+    return _adjoint(x, group, _gather_last_dim, _split_last_dim)
 
 
 def scatter_to_sequence_parallel_region(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
     """Y_r = X[:, chunk r] in forward; dL/dX = all-gather over the sequence of dL/dY_r in backward."""
-    if group_size(group) == 1:
-        return x
-    return _ScatterToSequence.apply(x, group)
+    return _adjoint(x, group, _split_sequence, all_gather_sequence)
 
 
 def gather_from_sequence_parallel_region(
@@ -272,13 +225,11 @@ def gather_from_sequence_parallel_region(
 ) -> Tensor:
     """Y = all-gather over the sequence of X_r in forward; in backward the reduce-scatter of dL/dY when
     each rank's dL/dY is a partial sum (grad_is_partial: the consumer is TP-split), else its chunk r."""
-    if group_size(group) == 1:
-        return x
-    return _GatherFromSequence.apply(x, group, grad_is_partial)
+    return _adjoint(
+        x, group, all_gather_sequence, reduce_scatter_sequence if grad_is_partial else _split_sequence
+    )
 
 
 def reduce_scatter_to_sequence_parallel_region(x: Tensor, group: Optional[dist.ProcessGroup]) -> Tensor:
     """Y_r = (sum over ranks of X)[:, chunk r] in forward; dL/dX = all-gather of dL/dY_r in backward."""
-    if group_size(group) == 1:
-        return x
-    return _ReduceScatterToSequence.apply(x, group)
+    return _adjoint(x, group, reduce_scatter_sequence, all_gather_sequence)
